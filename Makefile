@@ -1,0 +1,66 @@
+# vlmlab: two commands for a newcomer.
+#   make demo   creates .venv, installs the pinned runtime deps, runs the end-to-end demo
+#   make test   installs the dev deps, checks notebooks <-> library sync, runs nbdev_test and pytest
+#
+# constraints.txt pins every package (torch==2.13.0 included, so a CPU machine takes the CPU wheel
+# and never pulls CUDA packages). On a GPU machine, install your own torch build first or pass
+#   make demo CONSTRAINTS=
+# to let pip choose.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CONSTRAINTS ?= constraints.txt
+PIP := $(BIN)/python -m pip --disable-pip-version-check -q
+PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
+NBDEV_WORKERS ?= 2
+export MPLBACKEND := Agg
+export TOKENIZERS_PARALLELISM := false
+export HF_HUB_OFFLINE := 1
+
+.PHONY: demo test sync-check nbtest pytest readme docs clean help
+
+help:
+	@echo "make demo   - set up .venv and run the end-to-end demo"
+	@echo "make test   - set up dev deps, check notebook/library sync, run nbdev_test and pytest"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.runtime: $(BIN)/python settings.ini setup.py $(CONSTRAINTS)
+	$(PIP) install $(PIP_C) -e .
+	@touch $@
+
+$(VENV)/.dev: $(VENV)/.runtime
+	$(PIP) install $(PIP_C) -e ".[dev]"
+	@touch $@
+
+demo: $(VENV)/.runtime
+	$(BIN)/vlmlab demo
+
+# The notebooks are the source: exporting and cleaning them must change nothing.
+sync-check: $(VENV)/.dev
+	@before="$$(git status --porcelain; git diff | md5sum)"; \
+	$(BIN)/nbdev_export && $(BIN)/nbdev_clean && \
+	after="$$(git status --porcelain; git diff | md5sum)"; \
+	if [ "$$before" != "$$after" ]; then \
+	  echo "FAIL: nbdev_export / nbdev_clean changed files: vlmlab/ is out of sync with nbs/ or a notebook is not clean:"; \
+	  git status --short; exit 1; fi; \
+	if [ -n "$$CI" ] && [ -n "$$(git status --porcelain)" ]; then \
+	  echo "FAIL (CI): the clean clone is not clean after export:"; git status --short; exit 1; fi; \
+	$(BIN)/python tools/readme.py --check
+	@echo "sync-check: notebooks, library and README agree"
+
+nbtest: $(VENV)/.dev
+	$(BIN)/nbdev_test --n_workers $(NBDEV_WORKERS) --timing
+
+pytest: $(VENV)/.dev
+	$(BIN)/python -m pytest -q tests
+
+test: sync-check nbtest pytest
+
+readme: $(VENV)/.dev
+	$(BIN)/python tools/readme.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info _proc _docs
