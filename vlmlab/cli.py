@@ -18,11 +18,12 @@ from fastcore.docments import docments
 from .doctor import doctor_json, doctor_report, run_doctor
 
 # %% auto #0
-__all__ = ['COMMANDS', 'FLAG_NAMES', 'command', 'command_parser', 'doctor', 'demo', 'build_parser', 'main']
+__all__ = ['COMMANDS', 'FLAG_NAMES', 'command', 'command_parser', 'doctor', 'demo', 'resize_spec', 'make_shapes',
+           'clean_raw_json', 'convert', 'validate', 'build_parser', 'main']
 
 # %% ../nbs/90_cli.ipynb #90-cli-005
 COMMANDS: dict[str, Callable[..., int]] = {}
-FLAG_NAMES = {'as_json': '--json'}  # parameter -> flag, where the natural name is a Python keyword or module
+FLAG_NAMES = {'as_json': '--json', 'out_dir': '--out'}  # parameter -> flag, where the natural name is taken or long
 
 def command(f: Callable[..., int]) -> Callable[..., int]:
     "Register `f` as the subcommand named after it (underscores become dashes)."
@@ -103,7 +104,82 @@ def demo(family: str = 'qwen2_5_vl', # model family of the sample: qwen2_vl, qwe
     print('\nvlmlab demo: OK')
     return 0
 
-# %% ../nbs/90_cli.ipynb #90-cli-009
+# %% ../nbs/90_cli.ipynb #90-cli-010
+def resize_spec(family: str = 'qwen2_5_vl', model: str | None = None, min_pixels: int | None = None,
+                max_pixels: int | None = None):
+    "The `ResizeSpec` the data commands use: the model's own, or the family's with optional limits."
+    from vlmlab.vision import ResizeSpec
+    if model: return ResizeSpec.from_pretrained(model)
+    return ResizeSpec.for_family(family, min_pixels, max_pixels)
+
+@command
+def make_shapes(out_dir: str = 'shapes_raw', # folder to write the images and raw annotation JSON into
+                n: int = 200, # number of images
+                seed: int = 0, # random seed (same seed, same files)
+                old_format: float = 0.1, # fraction of JSON files in the old list-shaped format
+                exif_rotated: float = 0.15, # fraction of JPEGs stored rotated with an EXIF orientation tag
+               ) -> int:
+    "Write a synthetic dataset of coloured shapes in the raw annotation format."
+    from vlmlab.data import make_shapes as _make
+    paths = _make(out_dir, n, seed, old_format, exif_rotated)
+    print(f"wrote {len(paths)} raw annotation files and their images to {out_dir}")
+    return 0
+
+@command
+def clean_raw_json(folder: str, # folder of raw annotation JSON files to migrate in place
+                  ) -> int:
+    "Rewrite old list-shaped raw annotation JSON files in the current format (atomically)."
+    from vlmlab.data import clean_raw_dir
+    counts = clean_raw_dir(folder)
+    print(f"{folder}: {counts['migrated']} migrated, {counts['current']} already current, {counts['failed']} could not be migrated")
+    return 0 if counts['failed'] == 0 else 1
+
+@command
+def convert(input: str, # raw JSON folder or file, LLaVA JSON, or COCO JSON
+            out_dir: str = 'ds_output', # output folder (images/ and {split}.jsonl are written here)
+            family: str = 'qwen2_5_vl', # model family: qwen2_vl, qwen2_5_vl or qwen3_vl (fixes factor and box space)
+            model: str = None, # checkpoint whose config and image processor give the resize spec (overrides --family)
+            min_pixels: int = None, # fewest pixels of a resized image (default: the family's released value)
+            max_pixels: int = None, # most pixels of a resized image (default: the family's released value)
+            split: str = 'train', # split name: writes {split}.jsonl, {split}.rejects.jsonl, {split}.summary.json
+            format: str = 'auto', # input format: auto, raw, llava or coco
+            workers: int = 1, # worker processes
+            migrate_old: bool = False, # migrate old list-shaped raw JSON on the fly instead of rejecting it
+            image_root: str = None, # folder the image paths of a LLaVA / COCO file are relative to (default: its folder)
+            image_format: str = 'png', # stored image format: png (lossless) or jpg (quality 95)
+            min_side: int = None, # smallest accepted image side in pixels (default: the resize factor)
+            strict: bool = False, # exit with status 1 when any input is rejected
+            quiet: bool = False, # no progress bar
+           ) -> int:
+    "Convert annotations into ds_output/{split}.jsonl with images resized once; every input is written or rejected."
+    from vlmlab.data import convert as _convert
+    try: spec = resize_spec(family, model, min_pixels, max_pixels)
+    except (ValueError, OSError) as e:
+        print(f"vlmlab convert: {e}", file=sys.stderr); return 2
+    try: summary = _convert(input, out_dir, spec, split, format, workers, migrate_old, image_root, image_format, min_side, not quiet)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"vlmlab convert: {e}", file=sys.stderr); return 2
+    print(summary)
+    if summary.rejected: print(f"reasons for each rejected input: {Path(out_dir) / (split + '.rejects.jsonl')}")
+    return 1 if strict and summary.rejected else 0
+
+@command
+def validate(out_dir: str = 'ds_output', # the converted data folder
+             family: str = None, # model family the data must be for (with --min/--max-pixels), or use --model
+             model: str = None, # checkpoint the data will train: records must carry its resize fingerprint
+             min_pixels: int = None, # with --family: the processor's min_pixels
+             max_pixels: int = None, # with --family: the processor's max_pixels
+             skip_images: bool = False, # do not open the images (no size / hash check)
+             quiet: bool = False, # no progress bar
+            ) -> int:
+    "Check converted data: schema, boxes, paths inside ds_output/, resize fingerprints, train/test leakage."
+    from vlmlab.data import validate as _validate
+    spec = resize_spec(family, model, min_pixels, max_pixels) if (family or model) else None
+    report = _validate(out_dir, spec, not skip_images, not quiet)
+    print(report)
+    return 0 if report.ok else 1
+
+# %% ../nbs/90_cli.ipynb #90-cli-011
 def build_parser() -> argparse.ArgumentParser:
     "The `vlmlab` parser with one sub-parser per registered command."
     p = argparse.ArgumentParser(prog='vlmlab', description='Provably correct fine-tuning of Qwen-VL models.')

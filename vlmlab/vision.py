@@ -129,6 +129,15 @@ class ResizeSpec:
         return cls(family, image_processor.patch_size, image_processor.merge_size,
                    get('shortest_edge') or image_processor.min_pixels, get('longest_edge') or image_processor.max_pixels)
 
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path) -> ResizeSpec:
+        "The spec of a checkpoint (hub id or folder): its family from the config, its limits from its image processor."
+        from transformers import AutoConfig, AutoImageProcessor
+        family = AutoConfig.from_pretrained(name_or_path).model_type
+        if family not in FAMILY_PATCH_SIZE:
+            raise ValueError(f"{name_or_path} is a {family!r} model; vlmlab supports {sorted(FAMILY_PATCH_SIZE)}")
+        return cls.from_image_processor(AutoImageProcessor.from_pretrained(name_or_path), family)
+
     def resize(self, height: int, width: int) -> tuple[int, int]:
         "The (height, width) this spec resizes an image to."
         return smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels)
