@@ -65,6 +65,9 @@ def smart_resize(height: int, # image height in pixels
     if min(hf) < factor or hf[0] * hf[1] > max_pixels:
         raise ResizeError(f"{width}x{height} with max_pixels {max_pixels} gives {hf[1]}x{hf[0]}, a side under the factor "
                           f"{factor} or more pixels than allowed; raise max_pixels or crop the image")
+    if max(hf) / min(hf) > MAX_RATIO:
+        raise ResizeError(f"{width}x{height} resizes to {hf[1]}x{hf[0]}, whose aspect ratio {max(hf) / min(hf):.1f} exceeds "
+                          f"{MAX_RATIO}: the processor would refuse the stored image; crop the image")
     return hf
 
 # %% ../nbs/01_vision.ipynb #01-vision-008
@@ -82,7 +85,7 @@ def load_reference_smart_resize():
     exec(compile(ast.Module(body=keep, type_ignores=[]), spec.origin, 'exec'), ns)
     return ns['smart_resize']
 
-# %% ../nbs/01_vision.ipynb #01-vision-020
+# %% ../nbs/01_vision.ipynb #01-vision-022
 FAMILY_PATCH_SIZE = {'qwen2_vl': 14, 'qwen2_5_vl': 14, 'qwen3_vl': 16}
 RELEASED_PIXELS = {'qwen2_vl': (3136, 12845056), 'qwen2_5_vl': (3136, 12845056), 'qwen3_vl': (65536, 16777216)}
 
@@ -158,7 +161,7 @@ class ResizeSpec:
             f"{self.fingerprint} {({k: v for k, v in asdict(self).items()})}. Its pixels and boxes do not match what the model "
             "will see: re-run `vlmlab convert` for this model, or load the processor the data was made for.")
 
-# %% ../nbs/01_vision.ipynb #01-vision-026
+# %% ../nbs/01_vision.ipynb #01-vision-028
 class ImageLoadError(ValueError):
     "An image file that cannot be decoded into RGB pixels."
 
@@ -202,7 +205,7 @@ def image_size(path: str | Path, # image file
     except (UnidentifiedImageError, OSError) as e:
         raise ImageLoadError(f"{path}: cannot read image header ({type(e).__name__}: {e})") from e
 
-# %% ../nbs/01_vision.ipynb #01-vision-035
+# %% ../nbs/01_vision.ipynb #01-vision-037
 class ImageTokenError(ValueError):
     "A sample's image tokens do not match its images."
 
@@ -233,7 +236,7 @@ def assert_image_tokens(input_ids: Sequence[int], # token ids of one sample
     if ids.count(pad) != inside:
         raise ImageTokenError(f"sample {sample_id!r}: {ids.count(pad) - inside} {IMAGE_PAD} tokens outside any vision span")
 
-# %% ../nbs/01_vision.ipynb #01-vision-039
+# %% ../nbs/01_vision.ipynb #01-vision-041
 COORD_SPACE = {'qwen2_vl': 'rel1000', 'qwen2_5_vl': 'abs_resized', 'qwen3_vl': 'rel1000'}
 
 def scale_boxes(boxes: np.ndarray | Sequence, # (n, 4) xyxy boxes
