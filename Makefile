@@ -18,7 +18,7 @@ export MPLBACKEND := Agg
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test sync-check nbtest pytest readme docs clean help
+.PHONY: demo test sync-check nbtest pytest readme bench clean help
 
 help:
 	@echo "make demo   - set up .venv and run the end-to-end demo"
@@ -61,6 +61,10 @@ test: sync-check nbtest pytest
 
 readme: $(VENV)/.dev
 	$(BIN)/python tools/readme.py
+
+# Benchmarks print ratios measured side by side in one run; they are not part of `make test`.
+bench: $(VENV)/.runtime
+	$(BIN)/python benchmarks/bench_convert.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info _proc _docs

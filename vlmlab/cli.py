@@ -69,7 +69,7 @@ def doctor(output_dir: str = 'runs', # directory training runs will write to; ch
 def demo(family: str = 'qwen2_5_vl', # model family of the sample: qwen2_vl, qwen2_5_vl or qwen3_vl
          output_dir: str = 'runs', # where the demo writes (checked by the doctor)
         ) -> int:
-    "Run the end-to-end demo on built-in synthetic data (today: the tokens lesson)."
+    "Run the end-to-end demo on built-in synthetic data (today: tokens, templates and data conversion)."
     if family not in ('qwen2_vl', 'qwen2_5_vl', 'qwen3_vl'):
         print(f"vlmlab demo: unknown --family {family!r}; choose qwen2_vl, qwen2_5_vl or qwen3_vl", file=sys.stderr)
         return 2
@@ -101,6 +101,17 @@ def demo(family: str = 'qwen2_5_vl', # model family of the sample: qwen2_vl, qwe
           f"<|image_pad|> x {n_img}, target text {''.join(s.text for s in chatml_segments(conv, family) if s.target)!r}")
     assert text.startswith(generation_prompt(conv, family))
     assert n_img == int(px['image_grid_thw'].prod()) // ip.merge_size ** 2
+    print('\n== synthetic shapes -> raw annotation JSON -> ds_output/ (converted for the tiny model)')
+    from vlmlab.data import convert as _convert, make_shapes as _make, validate as _validate
+    from vlmlab.vision import ResizeSpec
+    out = Path(output_dir) / 'demo'
+    _make(out / 'shapes_raw', n=48, seed=0)
+    spec = ResizeSpec.from_pretrained(tiny_kit(family))
+    summary = _convert(out / 'shapes_raw', out / 'ds_output', spec, migrate_old=True, workers=2, progress=False)
+    print(summary)
+    report = _validate(out / 'ds_output', spec, progress=False)
+    print(report)
+    if not (summary.balanced and report.ok): return 1
     print('\nvlmlab demo: OK')
     return 0
 

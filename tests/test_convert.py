@@ -1,0 +1,155 @@
+"""Conversion under bad input, EXIF orientation and interruption: every input accounted for, messages name it."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from vlmlab.data import convert, make_shapes, validate
+from vlmlab.vision import ResizeSpec
+
+SPEC = ResizeSpec.for_family('qwen2_5_vl', max_pixels=200704)
+
+
+def scene(path: Path, size=(300, 200), box=(40, 50, 120, 130), mode='RGB', orientation=1, color=(220, 30, 30)):
+    "An image with one red square at `box` in displayed coordinates."
+    img = Image.new('RGB', size, (240, 240, 240))
+    ImageDraw.Draw(img).rectangle([box[0], box[1], box[2] - 1, box[3] - 1], fill=color)
+    stored = {1: img, 6: img.transpose(Image.Transpose.ROTATE_90), 8: img.transpose(Image.Transpose.ROTATE_270),
+              3: img.transpose(Image.Transpose.ROTATE_180)}[orientation]
+    if mode != 'RGB': stored = stored.convert(mode) if mode != 'I;16' else Image.fromarray((np.asarray(stored.convert('L')).astype(np.uint16) * 257))
+    kw = {}
+    if orientation != 1:
+        exif = Image.Exif(); exif[0x0112] = orientation; kw['exif'] = exif
+    stored.save(path, **kw)
+    return list(box)
+
+
+def raw(folder: Path, name: str, objects, image=None, ext='.png', **img_kw):
+    img_path = folder / f'{name}{ext}'
+    if image is not False: scene(img_path, **img_kw)
+    (folder / f'{name}.json').write_text(json.dumps({'image': image or img_path.name, 'objects': objects}))
+
+
+def rejects(out: Path, split='train'):
+    return {r['id']: r['reason'] for r in map(json.loads, (out / f'{split}.rejects.jsonl').read_text().splitlines())}
+
+
+def test_ten_kinds_of_bad_input(tmp_path):
+    src, out = tmp_path / 'raw', tmp_path / 'ds_output'
+    src.mkdir()
+    good = [{'bbox': [40, 50, 120, 130], 'desc': 'red square'}]
+    raw(src, 'ok', good)
+    raw(src, 'truncated', good, ext='.jpg')
+    data = (src / 'truncated.jpg').read_bytes(); (src / 'truncated.jpg').write_bytes(data[: len(data) // 3])
+    raw(src, 'missing', good, image='nowhere.png')
+    raw(src, 'cmyk', good, ext='.jpg', mode='CMYK')
+    raw(src, 'grey16', good, mode='I;16')
+    raw(src, 'nan_box', [{'bbox': [40, float('nan'), 120, 130], 'desc': 'red square'}])
+    raw(src, 'swapped', [{'bbox': [120, 50, 40, 130], 'desc': 'red square'}])
+    raw(src, 'out_of_bounds', [{'bbox': [40, 50, 420, 130], 'desc': 'red square'}])
+    raw(src, 'tiny', [{'bbox': [2, 2, 8, 8], 'desc': 'dot'}], size=(20, 12), box=(2, 2, 8, 8))
+    scene(src / 'old.png'); (src / 'old.json').write_text(json.dumps(good))
+    (src / 'malformed.json').write_text('{"image": "ok.png", "objects": [')
+    summary = convert(src, out, SPEC, progress=False)
+    assert summary.inputs == 11 and summary.balanced
+    assert summary.written == 3  # ok, cmyk, grey16: converted deterministically, noted
+    why = rejects(out)
+    expected = {'truncated': 'truncated.jpg: cannot decode image', 'missing': 'nowhere.png: file not found',
+                'nan_box': "'nan_box') object 0: bbox has a non-finite value", 'swapped': 'x1 >= x2 (swapped corners',
+                'out_of_bounds': 'lies outside the 300x200 image', 'tiny': 'image 20x12 has a side under 28 px',
+                'old': 'old list-shaped raw JSON', 'malformed': 'malformed.json: malformed JSON at line 1'}
+    assert set(why) == set(expected)
+    for sid, text in expected.items():
+        assert text in why[sid], (sid, why[sid])
+    noted = {k: v for k, v in summary.notes.items()}
+    assert noted.get('converted from CMYK to RGB') == ['cmyk'] and noted.get('converted from I;16 to RGB') == ['grey16']
+    assert 'cmyk' in str(summary) and 'grey16' in str(summary)
+
+    # wrong family fingerprint, and a duplicate image across splits: caught by validate
+    assert validate(out, SPEC, progress=False).ok
+    rep = validate(out, ResizeSpec.for_family('qwen2_vl', max_pixels=200704), progress=False)
+    assert len(rep.errors) == 3 and all("was converted with resize spec" in e and 'train.jsonl:' in e for e in rep.errors)
+    test_src = tmp_path / 'test_raw'; test_src.mkdir()
+    shutil.copy(src / 'ok.png', test_src / 'same_picture.png')
+    (test_src / 'same_picture.json').write_text(json.dumps({'image': 'same_picture.png', 'objects': good}))
+    convert(test_src, out, SPEC, split='test', progress=False)
+    rep = validate(out, SPEC, progress=False)
+    assert rep.leaks == ["train:ok has the same image bytes as test:same_picture"] or \
+           rep.leaks == ["test:same_picture has the same image bytes as train:ok"]
+
+
+def test_orientation_6_boxes_land_on_the_object(tmp_path):
+    src, out = tmp_path / 'raw', tmp_path / 'ds'
+    src.mkdir()
+    raw(src, 'phone', [{'bbox': [200, 40, 260, 100], 'desc': 'red square'}], ext='.jpg', size=(300, 200),
+        box=(200, 40, 260, 100), orientation=6)
+    assert Image.open(src / 'phone.jpg').size == (200, 300)  # stored sideways
+    s = convert(src, out, SPEC, progress=False)
+    assert s.written == 1 and s.notes == {'EXIF orientation 6 applied': ['phone']}
+    rec = json.loads((out / 'train.jsonl').read_text())
+    assert rec['orig_size'] == [300, 200]
+    img = np.asarray(Image.open(out / rec['image']).convert('RGB')).astype(int)
+    x1, y1, x2, y2 = (int(round(v)) for v in rec['objects'][0]['bbox'])
+    inside = img[y1 + 2:y2 - 2, x1 + 2:x2 - 2].reshape(-1, 3).mean(0)
+    outside = img[:, : max(1, x1 - 5)].reshape(-1, 3).mean(0)
+    assert inside[0] > 180 and inside[1] < 80, inside     # red under the box
+    assert outside[1] > 200                                  # background outside
+
+
+def test_llava_and_coco_inputs(tmp_path):
+    scene(tmp_path / 'a.png'); scene(tmp_path / 'b.png', size=(200, 300), box=(10, 10, 60, 60))
+    llava = [{'id': 'l1', 'image': 'a.png', 'conversations': [{'from': 'human', 'value': '<image>\nWhat is this?'},
+                                                              {'from': 'gpt', 'value': 'A red square.'}]},
+             {'id': 'l2', 'image': 'b.png', 'conversations': [{'from': 'human', 'value': 'no image here'},
+                                                              {'from': 'gpt', 'value': 'x'}]}]
+    (tmp_path / 'llava.json').write_text(json.dumps(llava))
+    s = convert(tmp_path / 'llava.json', tmp_path / 'out1', SPEC, progress=False)
+    assert (s.written, s.rejected) == (1, 1) and '0 <image> placeholders' in rejects(tmp_path / 'out1')['l2']
+    rec = json.loads((tmp_path / 'out1' / 'train.jsonl').read_text())
+    assert rec['conversations'][0] == {'role': 'user', 'content': [{'type': 'image'}, {'type': 'text', 'text': 'What is this?'}]}
+    coco = {'images': [{'id': 1, 'file_name': 'a.png', 'width': 300, 'height': 200},
+                       {'id': 2, 'file_name': 'b.png', 'width': 300, 'height': 200}],   # wrong size: b is 200x300
+            'annotations': [{'id': 9, 'image_id': 1, 'bbox': [40, 50, 80, 80], 'category_id': 3, 'iscrowd': 0}],
+            'categories': [{'id': 3, 'name': 'square'}]}
+    (tmp_path / 'coco.json').write_text(json.dumps(coco))
+    s = convert(tmp_path / 'coco.json', tmp_path / 'out2', SPEC, progress=False)
+    assert (s.written, s.rejected) == (1, 1)
+    assert 'annotation says 300x200 but b.png is 200x300' in rejects(tmp_path / 'out2')['2']
+    rec = json.loads((tmp_path / 'out2' / 'train.jsonl').read_text())
+    sx, sy = rec['size'][0] / 300, rec['size'][1] / 200
+    assert np.allclose(rec['objects'][0]['bbox'], [40 * sx, 50 * sy, 120 * sx, 130 * sy], atol=1e-3)
+
+
+def test_killed_conversion_never_looks_complete_and_rerun_matches(tmp_path):
+    src = tmp_path / 'raw'
+    make_shapes(src, n=120, seed=3, old_format=0.0)
+    ref = tmp_path / 'ref'
+    convert(src, ref, SPEC, progress=False)
+    expected = (ref / 'train.jsonl').read_bytes()
+    vlmlab = Path(sys.executable).parent / 'vlmlab'
+    out = tmp_path / 'killed'
+    rng = np.random.default_rng(0)
+    for delay in rng.uniform(0.5, 3.0, 3):
+        p = subprocess.Popen([str(vlmlab), 'convert', str(src), '--out', str(out), '--max-pixels', '200704', '--quiet'],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        p.send_signal(signal.SIGKILL); p.wait()
+        jsonl = out / 'train.jsonl'
+        if jsonl.exists():   # only ever the complete file, written by the final rename
+            assert jsonl.read_bytes() == expected and (out / 'train.summary.json').exists()
+        for img in (out / 'images').glob('*.png'):   # every visible image is complete
+            Image.open(img).load()
+    r = subprocess.run([str(vlmlab), 'convert', str(src), '--out', str(out), '--max-pixels', '200704', '--quiet'],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert (out / 'train.jsonl').read_bytes() == expected
+    assert not list(out.glob('.*.tmp-*')) and not list((out / 'images').glob('.*.tmp-*'))
+    assert sorted(p.name for p in (out / 'images').iterdir()) == sorted(p.name for p in (ref / 'images').iterdir())
