@@ -169,6 +169,7 @@ class Segment:
     target: bool = False  # True for assistant content and its <|im_end|>: the tokens the loss is computed on
     kind: str = 'text'    # 'markup', 'text', 'image' or 'video'
     index: int = -1       # for images/videos: their order in the conversation
+    message: int = -1     # index of the message it renders (-1: the implicit default system turn)
 
 ROLES = ('system', 'user', 'assistant')
 
@@ -199,19 +200,19 @@ def chatml_segments(messages: Sequence[Mapping], # chat messages: {'role', 'cont
             segs += [Segment(f"{IM_START}system\n", 'system', kind='markup'), Segment(fmt.default_system, 'system'),
                      Segment(f"{IM_END}\n", 'system', kind='markup')]
         tgt = role == 'assistant'
-        segs.append(Segment(f"{IM_START}{role}\n", role, kind='markup'))
+        segs.append(Segment(f"{IM_START}{role}\n", role, kind='markup', message=i))
         for p in _parts(m.get('content', ''), i):
             if p['type'] == 'image':
                 n_img += 1
-                if add_vision_id: segs.append(Segment(f"Picture {n_img}: ", role, tgt))
-                segs.append(Segment(f"{VISION_START}{IMAGE_PAD}{VISION_END}", role, False, 'image', n_img - 1))
+                if add_vision_id: segs.append(Segment(f"Picture {n_img}: ", role, tgt, message=i))
+                segs.append(Segment(f"{VISION_START}{IMAGE_PAD}{VISION_END}", role, False, 'image', n_img - 1, i))
             elif p['type'] == 'video':
                 n_vid += 1
-                if add_vision_id: segs.append(Segment(f"Video {n_vid}: ", role, tgt))
-                segs.append(Segment(f"{VISION_START}{VIDEO_PAD}{VISION_END}", role, False, 'video', n_vid - 1))
-            elif p['text']: segs.append(Segment(p['text'], role, tgt))
-        segs += [Segment(IM_END, role, tgt, 'markup'), Segment('\n', role, kind='markup')]
-    if add_generation_prompt: segs.append(Segment(f"{IM_START}assistant\n", 'assistant', kind='markup'))
+                if add_vision_id: segs.append(Segment(f"Video {n_vid}: ", role, tgt, message=i))
+                segs.append(Segment(f"{VISION_START}{VIDEO_PAD}{VISION_END}", role, False, 'video', n_vid - 1, i))
+            elif p['text']: segs.append(Segment(p['text'], role, tgt, message=i))
+        segs += [Segment(IM_END, role, tgt, 'markup', message=i), Segment('\n', role, kind='markup', message=i)]
+    if add_generation_prompt: segs.append(Segment(f"{IM_START}assistant\n", 'assistant', kind='markup', message=len(messages)))
     return segs
 
 def render_chatml(messages: Sequence[Mapping], # chat messages: {'role', 'content': str | list of parts}
