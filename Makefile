@@ -63,8 +63,11 @@ readme: $(VENV)/.dev
 	$(BIN)/python tools/readme.py
 
 # Benchmarks print ratios measured side by side in one run; they are not part of `make test`.
+# trl is a benchmark-only dependency (bench_packing compares against its BFD packing).
 bench: $(VENV)/.runtime
+	$(PIP) install $(PIP_C) trl==1.16.0
 	$(BIN)/python benchmarks/bench_convert.py
+	$(BIN)/python benchmarks/bench_packing.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info _proc _docs

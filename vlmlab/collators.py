@@ -26,14 +26,14 @@ def mrope_position_ids(mm_token_type_ids: torch.Tensor, # (L,) 0 text, 1 image
                        spatial_merge_size: int = 2, # the merger's spatial merge size
                       ) -> torch.Tensor:
     "(3, L) mRoPE positions of one sample, as the Qwen-VL models compute them for images."
-    types = mm_token_type_ids.tolist()
-    if 2 in types: raise NotImplementedError("video tokens: per-sample mRoPE for videos is not supported by the collators")
+    types = mm_token_type_ids.flatten()
+    if bool((types == 2).any()): raise NotImplementedError("video tokens: per-sample mRoPE for videos is not supported by the collators")
+    if len(types) == 0: return torch.zeros(3, 0, dtype=torch.long)
+    cuts = ((types[1:] != types[:-1]).nonzero().flatten() + 1).tolist()
     grids = iter([] if image_grid_thw is None else image_grid_thw.tolist())
-    out, pos, k = [], 0, 0
-    while k < len(types):
-        j = k
-        while j < len(types) and types[j] == types[k]: j += 1
-        if types[k] == 0:
+    out, pos = [], 0
+    for k, j in zip([0] + cuts, cuts + [len(types)]):   # runs of one modality
+        if int(types[k]) == 0:
             out.append(torch.arange(pos, pos + j - k).expand(3, -1)); pos += j - k
         else:
             t, h, w = next(grids); h, w = h // spatial_merge_size, w // spatial_merge_size
@@ -41,8 +41,7 @@ def mrope_position_ids(mm_token_type_ids: torch.Tensor, # (L,) 0 text, 1 image
                 raise ValueError(f"an image run of {j - k} tokens does not match its grid ({t}, {h * spatial_merge_size}, {w * spatial_merge_size})")
             tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing='ij')
             out.append(torch.stack([tt.flatten(), hh.flatten(), ww.flatten()]) + pos); pos += max(h, w)
-        k = j
-    return torch.cat(out, 1) if out else torch.zeros(3, 0, dtype=torch.long)
+    return torch.cat(out, 1)
 
 def packed_position_ids(sample: ProcessedSample, # a processed sample
                         spatial_merge_size: int = 2, # the merger's spatial merge size
