@@ -255,7 +255,7 @@ def sample_html(sample: ProcessedSample) -> str:
             body = f"{html.escape(sample.pieces[k])}&lt;|image_pad|&gt;×{j - k - 2}{html.escape(sample.pieces[j - 1])}"
             k_next = j
         else:
-            body, k_next = html.escape(sample.pieces[k]).replace('\\n', '↵<br>'), k + 1
+            body, k_next = html.escape(sample.pieces[k]).replace('\n', '↵<br>'), k + 1
         spans.append(f'<span title="{r}" style="background:{ROLE_COLORS[r]};border-right:1px solid #fff">{body}</span>')
         k = k_next
     legend = ' '.join(f'<span style="background:{c};padding:0 4px">{r}</span>' for r, c in ROLE_COLORS.items() if r != 'pad')
