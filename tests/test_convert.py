@@ -104,6 +104,15 @@ def test_orientation_6_boxes_land_on_the_object(tmp_path):
     assert outside[1] > 200                                  # background outside
 
 
+def test_splits_with_the_same_ids_do_not_overwrite_each_other(tmp_path):
+    for split, seed in (('train', 0), ('test', 1)):
+        make_shapes(tmp_path / split, n=4, seed=seed, old_format=0)   # both name their samples shapes_00000..3
+        convert(tmp_path / split, tmp_path / 'ds', SPEC, split=split, progress=False)
+    rep = validate(tmp_path / 'ds', SPEC, progress=False)
+    assert rep.ok, str(rep)
+    assert len(list((tmp_path / 'ds' / 'images').rglob('*.png'))) == 8
+
+
 def test_llava_and_coco_inputs(tmp_path):
     scene(tmp_path / 'a.png'); scene(tmp_path / 'b.png', size=(200, 300), box=(10, 10, 60, 60))
     llava = [{'id': 'l1', 'image': 'a.png', 'conversations': [{'from': 'human', 'value': '<image>\nWhat is this?'},
@@ -145,11 +154,11 @@ def test_killed_conversion_never_looks_complete_and_rerun_matches(tmp_path):
         jsonl = out / 'train.jsonl'
         if jsonl.exists():   # only ever the complete file, written by the final rename
             assert jsonl.read_bytes() == expected and (out / 'train.summary.json').exists()
-        for img in (out / 'images').glob('*.png'):   # every visible image is complete
+        for img in (out / 'images' / 'train').glob('*.png'):   # every visible image is complete
             Image.open(img).load()
     r = subprocess.run([str(vlmlab), 'convert', str(src), '--out', str(out), '--max-pixels', '200704', '--quiet'],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert (out / 'train.jsonl').read_bytes() == expected
-    assert not list(out.glob('.*.tmp-*')) and not list((out / 'images').glob('.*.tmp-*'))
-    assert sorted(p.name for p in (out / 'images').iterdir()) == sorted(p.name for p in (ref / 'images').iterdir())
+    assert not list(out.glob('.*.tmp-*')) and not list((out / 'images' / 'train').glob('.*.tmp-*'))
+    assert sorted(p.name for p in (out / 'images' / 'train').iterdir()) == sorted(p.name for p in (ref / 'images' / 'train').iterdir())

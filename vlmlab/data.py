@@ -224,11 +224,11 @@ def convert_sample(sample: Sample, # the input
         objects.append({'bbox': [round(v, 3) for v in scale_boxes([box], (w, h), (rw, rh))[0].tolist()], 'label': label.strip()})
     resized = img if (rw, rh) == (w, h) else img.resize((rw, rh), Image.Resampling.BICUBIC)
     ext = 'jpg' if image_format in ('jpg', 'jpeg') else 'png'
-    rel = f"images/{_safe_name(sample.id)}.{ext}"
+    rel = f"images/{_safe_name(split)}/{_safe_name(sample.id)}.{ext}"
     buf = io.BytesIO()
     resized.save(buf, format='JPEG' if ext == 'jpg' else 'PNG', **({'quality': 95} if ext == 'jpg' else {}))
     data = buf.getvalue()
-    (Path(out_dir) / 'images').mkdir(parents=True, exist_ok=True)
+    (Path(out_dir) / rel).parent.mkdir(parents=True, exist_ok=True)
     write_atomic(Path(out_dir) / rel, data)
     return {'id': sample.id, 'image': rel, 'orig_size': [w, h], 'size': [rw, rh], 'resize': spec.to_dict(),
             'box_format': BOX_FORMAT, 'objects': objects, 'conversations': sample.conversations,
@@ -395,8 +395,8 @@ def convert(inputs: str | Path | list, # raw JSON folder(s)/files, a LLaVA JSON 
            ) -> ConversionSummary:
     "Convert annotations into `out_dir/{split}.jsonl` plus resized images; account for every input."
     spec = spec or ResizeSpec.for_family('qwen2_5_vl')
-    out = Path(out_dir); out.mkdir(parents=True, exist_ok=True); (out / 'images').mkdir(exist_ok=True)
-    for stale in list(out.glob('.*.tmp-*')) + list((out / 'images').glob('.*.tmp-*')): stale.unlink(missing_ok=True)
+    out = Path(out_dir); (out / 'images' / split).mkdir(parents=True, exist_ok=True)
+    for stale in list(out.glob('.*.tmp-*')) + list((out / 'images' / split).glob('.*.tmp-*')): stale.unlink(missing_ok=True)
     inputs = [Path(p) for p in (inputs if isinstance(inputs, (list, tuple)) else [inputs])]
     for p in inputs:
         if not p.exists(): raise FileNotFoundError(f"input {p} does not exist")

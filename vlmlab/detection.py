@@ -27,7 +27,7 @@ from .vision import COORD_SPACE, boxes_from_model, scale_boxes
 __all__ = ['EPS', 'box_cxcywh_to_xyxy', 'box_xyxy_to_cxcywh', 'box_area', 'box_iou', 'generalized_box_iou', 'sigmoid_focal_loss',
            'HungarianMatcher', 'sine_xy_embedding', 'image_token_xy', 'MLP', 'DetectionHead', 'DetectionLossConfig',
            'num_boxes_global', 'DetectionLoss', 'check_loss_balance', 'GroundingParseError', 'parse_grounding',
-           'grounding_to_pixels', 'evaluate_detections']
+           'grounding_to_pixels', 'evaluate_detections', 'detection_targets', 'VLMDetector', 'detect']
 
 # %% ../nbs/05_detection.ipynb #05-detection-006
 EPS = 1e-7
@@ -388,3 +388,92 @@ def evaluate_detections(gts: list[dict], # per image: boxes (n, 4) xyxy px, labe
                 exact += p['labels'][cand[0]] == g['labels'][k]; f1 += _token_f1(p['labels'][cand[0]], g['labels'][k])
     res['captions'] = {'exact_match': exact / max(n, 1), 'token_f1': f1 / max(n, 1), 'gt_boxes': n}
     return res
+
+# %% ../nbs/05_detection.ipynb #05-detection-035
+def detection_targets(samples: Sequence, # processed samples (their `objects` and student image)
+                      tokenizer, # tokenizer for the caption token ids
+                     ) -> list[dict]:
+    "Head targets of processed samples: cxcywh boxes normalized to the image, caption token ids."
+    out = []
+    for s in samples:
+        w, h = s.images[-1].size
+        b = torch.tensor([o['bbox'] for o in s.objects], dtype=torch.float32).reshape(-1, 4) / torch.tensor([w, h, w, h])
+        out.append({'boxes': box_xyxy_to_cxcywh(b),
+                    'captions': [torch.tensor(tokenizer(o['label'], add_special_tokens=False)['input_ids']) for o in s.objects]})
+    return out
+
+class VLMDetector(nn.Module):
+    "A Qwen-VL model with a detection head on its final hidden states."
+    def __init__(self, vlm, # a transformers Qwen-VL model
+                 head: DetectionHead, # the detection head
+                 tokenizer, # the model's tokenizer (captions, prompts)
+                 image_processor, # the model's image processor
+                 family: str, # model family
+                 loss_config: DetectionLossConfig | None = None, # detection loss weights
+                 lm_weight: float = 1.0, # weight of the LM loss in `loss` (0: head only)
+                ):
+        super().__init__()
+        self.vlm, self.head, self.tokenizer, self.image_processor, self.family = vlm, head, tokenizer, image_processor, family
+        self.criterion, self.lm_weight = DetectionLoss(head, loss_config), lm_weight
+
+    def head_inputs(self, hidden: torch.Tensor, batch: dict):
+        "Per-sample memory: hidden states, mask (image + prompt tokens) and image-token positions."
+        mm, kind = batch['mm_token_type_ids'], batch['label_kind']
+        keep = kind == 0
+        if batch.get('attention_mask') is not None: keep = keep & batch['attention_mask'].bool()
+        xy = image_token_xy(mm.cpu(), batch.get('image_grid_thw'), self.image_processor.merge_size).to(hidden.device)
+        if 'cu_seqlens' not in batch: return hidden, keep, xy
+        cu = batch['cu_seqlens'].tolist()
+        spans = [(a, b) for a, b in zip(cu[:-1], cu[1:]) if bool((mm[0, a:b] == 1).any())]  # skip the padding segment
+        L = max(b - a for a, b in spans)
+        H = hidden.new_zeros(len(spans), L, hidden.shape[-1]); M = torch.zeros(len(spans), L, dtype=torch.bool, device=hidden.device)
+        X = torch.full((len(spans), L, 2), -1.0, device=hidden.device)
+        for k, (a, b) in enumerate(spans):
+            H[k, :b - a], M[k, :b - a], X[k, :b - a] = hidden[0, a:b], keep[0, a:b], xy[0, a:b]
+        return H, M, X
+
+    def forward(self, batch: dict, # a collated batch (standard or packed)
+                targets: list[dict] | None = None, # `detection_targets` of its samples, for the losses
+               ) -> dict:
+        "Head outputs and, given targets, every loss term: lm_loss, the detection terms, and `loss`."
+        from vlmlab.collators import model_inputs
+        out = self.vlm(**model_inputs(batch), output_hidden_states=True)
+        pred = self.head(*self.head_inputs(out.hidden_states[-1], batch))
+        if targets is None: return pred
+        terms = self.criterion(pred, targets)
+        det = terms.pop('loss')
+        res = {**pred, **terms, 'detection_loss': det}
+        res['lm_loss'] = out.loss if out.loss is not None else det * 0
+        res['loss'] = det + self.lm_weight * res['lm_loss']
+        return res
+
+# %% ../nbs/05_detection.ipynb #05-detection-037
+@torch.no_grad()
+def detect(detector: VLMDetector, # a trained detector
+           image, # PIL image (any size; the processor resizes it)
+           prompt: str = 'Locate every object in the image and output its bounding box and label.', # the question
+           threshold: float = 0.3, # minimum objectness score
+           max_detections: int = 100, # keep at most this many
+          ) -> list[dict]:
+    "Boxes (xyxy, original pixels), scores and captions for one image."
+    from vlmlab.tokens import render_chatml, expand_image_pads
+    from vlmlab.vision import to_rgb
+    image = to_rgb(image)
+    detector.eval()
+    px = detector.image_processor(images=[image], return_tensors='pt')
+    msgs = [{'role': 'user', 'content': [{'type': 'image'}, {'type': 'text', 'text': prompt}]}]
+    text = expand_image_pads(render_chatml(msgs, detector.family, add_generation_prompt=True), px['image_grid_thw'],
+                             detector.image_processor.merge_size)
+    ids = torch.tensor([detector.tokenizer(text, add_special_tokens=False)['input_ids']])
+    mm = torch.zeros_like(ids, dtype=torch.int32); mm[ids == detector.vlm.config.image_token_id] = 1
+    dev = next(detector.parameters()).device
+    batch = {'input_ids': ids.to(dev), 'attention_mask': torch.ones_like(ids, dtype=torch.bool).to(dev), 'mm_token_type_ids': mm.to(dev),
+             'label_kind': torch.zeros_like(mm).to(dev), 'pixel_values': px['pixel_values'].to(dev), 'image_grid_thw': px['image_grid_thw'].to(dev)}
+    pred = detector(batch)
+    scores = pred['pred_logits'][0].sigmoid()
+    keep = (scores >= threshold).nonzero().flatten()
+    keep = keep[scores[keep].argsort(descending=True)][:max_detections]
+    w, h = image.size
+    boxes = box_cxcywh_to_xyxy(pred['pred_boxes'][0, keep]) * torch.tensor([w, h, w, h], device=dev)
+    caps = detector.head.generate_captions(pred['query'][0, keep]) if len(keep) else []
+    return [{'bbox': b.tolist(), 'score': float(s), 'caption': detector.tokenizer.decode(c)} for b, s, c in zip(boxes, scores[keep], caps)]
