@@ -234,7 +234,7 @@ def convert_sample(sample: Sample, # the input
             'box_format': BOX_FORMAT, 'objects': objects, 'conversations': sample.conversations,
             'image_sha256': hashlib.sha256(data).hexdigest(), 'source': sample.source, 'split': split}
 
-# %% ../nbs/02_data.ipynb #02-data-026
+# %% ../nbs/02_data.ipynb #02-data-025
 def read_raw(paths: Iterable[str | Path], # raw annotation JSON files
              migrate_old: bool = False, # migrate old list-shaped files instead of rejecting them
             ) -> Iterator[Sample]:
@@ -316,7 +316,7 @@ def read_coco(path: str | Path, # COCO detection JSON
         size = (im['width'], im['height']) if isinstance(im.get('width'), int) and isinstance(im.get('height'), int) else None
         yield Sample(sid, where, root / fn if isinstance(fn, str) else None, objs, None, size, err)
 
-# %% ../nbs/02_data.ipynb #02-data-028
+# %% ../nbs/02_data.ipynb #02-data-027
 @dataclass
 class ConversionSummary:
     "What a conversion did with every input."
@@ -425,7 +425,7 @@ def convert(inputs: str | Path | list, # raw JSON folder(s)/files, a LLaVA JSON 
     assert summary.balanced, f"conversion lost inputs: {summary}"
     return summary
 
-# %% ../nbs/02_data.ipynb #02-data-036
+# %% ../nbs/02_data.ipynb #02-data-035
 def normalize_text(text: str) -> str:
     "Text as compared for leakage: NFKC, lower case, punctuation and repeated spaces removed."
     t = unicodedata.normalize('NFKC', text).lower()

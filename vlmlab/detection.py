@@ -107,7 +107,7 @@ class HungarianMatcher(nn.Module):
             res.append((torch.as_tensor(q, dtype=torch.long), torch.as_tensor(j, dtype=torch.long)))
         return res
 
-# %% ../nbs/05_detection.ipynb #05-detection-018
+# %% ../nbs/05_detection.ipynb #05-detection-019
 def sine_xy_embedding(xy: torch.Tensor, # (..., 2) positions in [0, 1]
                       dim: int, # embedding size (a multiple of 4)
                       temperature: float = 10000.0,
@@ -238,7 +238,7 @@ class DetectionHead(nn.Module):
             if done.all(): break
         return out
 
-# %% ../nbs/05_detection.ipynb #05-detection-020
+# %% ../nbs/05_detection.ipynb #05-detection-021
 @dataclass
 class DetectionLossConfig:
     "Weights and focal-loss settings of the detection loss (the seeds' detection_* settings)."
@@ -305,7 +305,7 @@ class DetectionLoss(nn.Module):
                          c.detection_objectness_weight * terms['objectness'] + c.detection_caption_weight * terms['caption'])
         return terms
 
-# %% ../nbs/05_detection.ipynb #05-detection-026
+# %% ../nbs/05_detection.ipynb #05-detection-027
 def check_loss_balance(terms: dict, # logged loss terms (floats or tensors)
                        config: DetectionLossConfig | None = None, # the weights in use
                        ratio: float = 10.0, # weighted caption / weighted box terms above this is flagged
@@ -319,7 +319,7 @@ def check_loss_balance(terms: dict, # logged loss terms (floats or tensors)
                 f"(threshold {ratio}); lower detection_caption_weight (now {c.detection_caption_weight})")
     return None
 
-# %% ../nbs/05_detection.ipynb #05-detection-029
+# %% ../nbs/05_detection.ipynb #05-detection-030
 class GroundingParseError(ValueError):
     "Generated text that holds no readable grounding."
 
@@ -356,7 +356,7 @@ def grounding_to_pixels(objects: list[dict], # parsed objects (family space)
     if not objects: return np.zeros((0, 4))
     return scale_boxes(boxes_from_model([o['bbox'] for o in objects], model_size, family), model_size, orig_size)
 
-# %% ../nbs/05_detection.ipynb #05-detection-032
+# %% ../nbs/05_detection.ipynb #05-detection-033
 def _coco_ap(gts: list[dict], preds: list[dict], by_label: bool) -> dict:
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
@@ -406,7 +406,7 @@ def evaluate_detections(gts: list[dict], # per image: boxes (n, 4) xyxy px, labe
     res['captions'] = {'exact_match': exact / max(n, 1), 'token_f1': f1 / max(n, 1), 'gt_boxes': n}
     return res
 
-# %% ../nbs/05_detection.ipynb #05-detection-035
+# %% ../nbs/05_detection.ipynb #05-detection-036
 def detection_targets(samples: Sequence, # processed samples (their `objects` and student image)
                       tokenizer, # tokenizer for the caption token ids
                      ) -> list[dict]:
@@ -464,7 +464,7 @@ class VLMDetector(nn.Module):
         res['loss'] = det + self.lm_weight * res['lm_loss']
         return res
 
-# %% ../nbs/05_detection.ipynb #05-detection-037
+# %% ../nbs/05_detection.ipynb #05-detection-038
 @torch.no_grad()
 def detect(detector: VLMDetector, # a trained detector
            image, # PIL image (any size; the processor resizes it)
@@ -495,7 +495,7 @@ def detect(detector: VLMDetector, # a trained detector
     caps = detector.head.generate_captions(pred['query'][0, keep]) if len(keep) else []
     return [{'bbox': b.tolist(), 'score': float(s), 'caption': detector.tokenizer.decode(c)} for b, s, c in zip(boxes, scores[keep], caps)]
 
-# %% ../nbs/05_detection.ipynb #05-detection-039
+# %% ../nbs/05_detection.ipynb #05-detection-040
 def train_detector(detector: VLMDetector, # the detector to train (in place)
                    samples: Sequence, # processed samples (ChatProcessor outputs)
                    steps: int = 1500, # optimizer steps

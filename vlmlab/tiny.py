@@ -184,7 +184,7 @@ def tiny_tokenizer(family: str = 'qwen2_5_vl'): # which kit model's tokenizer
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(tiny_kit(family))
 
-# %% ../nbs/00a_tiny.ipynb #00a-tiny-021
+# %% ../nbs/00a_tiny.ipynb #00a-tiny-022
 def tokenizer_with_moved_token(tokenizer, # a fast tokenizer with the Qwen special tokens
                                token: str, # the special token to move
                                new_id: int, # the id of another added token; the two swap ids

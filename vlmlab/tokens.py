@@ -69,7 +69,7 @@ CONFIG_TOKEN_FIELDS = {'image_token_id': IMAGE_PAD, 'video_token_id': VIDEO_PAD,
                        'vision_start_token_id': VISION_START, 'vision_end_token_id': VISION_END,
                        'vision_token_id': VISION_PAD}
 
-# %% ../nbs/00_tokens.ipynb #00-tokens-013
+# %% ../nbs/00_tokens.ipynb #00-tokens-014
 class SpecialTokenError(ValueError):
     "The tokenizer, the Qwen special-token layout and the model config disagree."
 
@@ -119,7 +119,7 @@ def assert_special_tokens(tokenizer, # a transformers tokenizer
         raise SpecialTokenError(f"{len(problems)} special-token problem(s):\n- " + '\n- '.join(problems))
     return ids
 
-# %% ../nbs/00_tokens.ipynb #00-tokens-021
+# %% ../nbs/00_tokens.ipynb #00-tokens-022
 QWEN_DEFAULT_SYSTEM = 'You are a helpful assistant.'
 
 @dataclass(frozen=True)
@@ -139,7 +139,7 @@ def chat_format(family: str | ChatFormat) -> ChatFormat:
         raise ValueError(f"unknown model family {family!r}; known: {sorted(CHAT_FORMATS)}")
     return CHAT_FORMATS[family]
 
-# %% ../nbs/00_tokens.ipynb #00-tokens-023
+# %% ../nbs/00_tokens.ipynb #00-tokens-024
 def qwen_chat_template(family: str | ChatFormat = 'qwen2_vl') -> str:
     "The Qwen-VL ChatML jinja template of a family, as stored with its tokenizer."
     fmt = chat_format(family)
@@ -160,7 +160,7 @@ def qwen_chat_template(family: str | ChatFormat = 'qwen2_vl') -> str:
             "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
-# %% ../nbs/00_tokens.ipynb #00-tokens-024
+# %% ../nbs/00_tokens.ipynb #00-tokens-025
 @dataclass(frozen=True)
 class Segment:
     "A piece of rendered ChatML: its text, the role of its message, and whether it is a training target."
@@ -232,7 +232,7 @@ def generation_prompt(messages: Sequence[Mapping], # a conversation, with or wit
     if msgs and msgs[-1].get('role') == 'assistant': msgs = msgs[:-1]
     return render_chatml(msgs, family, add_generation_prompt=True, add_vision_id=add_vision_id)
 
-# %% ../nbs/00_tokens.ipynb #00-tokens-030
+# %% ../nbs/00_tokens.ipynb #00-tokens-031
 class TemplateDriftError(ValueError):
     "vlmlab's ChatML renderer and the tokenizer's own chat template write different text."
 
@@ -273,7 +273,7 @@ def assert_template_matches(tokenizer, # tokenizer (or processor) carrying the m
             n += 1
     return n
 
-# %% ../nbs/00_tokens.ipynb #00-tokens-035
+# %% ../nbs/00_tokens.ipynb #00-tokens-036
 def image_token_count(grid_thw: Sequence[int], # (t, h, w) patch grid of one image
                       merge_size: int = 2, # the vision merger's spatial merge size
                      ) -> int:
@@ -303,7 +303,7 @@ def mm_token_type_ids(input_ids: torch.Tensor, # token ids, any shape
     types[input_ids == config.video_token_id] = 2
     return types
 
-# %% ../nbs/00_tokens.ipynb #00-tokens-038
+# %% ../nbs/00_tokens.ipynb #00-tokens-039
 def encode_chatml(tokenizer, # the model's tokenizer
                   text: str, # text rendered by `render_chatml`
                  ) -> list[int]:
@@ -315,7 +315,7 @@ def encode_chatml(tokenizer, # the model's tokenizer
                          "tokenized with special tokens added after the template had already written them.")
     return ids
 
-# %% ../nbs/00_tokens.ipynb #00-tokens-047
+# %% ../nbs/00_tokens.ipynb #00-tokens-049
 class ChatMarkupError(ValueError):
     "Chat markup found in input meant for a base model."
 
@@ -350,7 +350,7 @@ def encode_base(tokenizer, # the base model's tokenizer
     assert_no_chat_markup(ids, tokenizer, sample_id)
     return ids
 
-# %% ../nbs/00_tokens.ipynb #00-tokens-050
+# %% ../nbs/00_tokens.ipynb #00-tokens-052
 SENTINEL_PROMPTS = {
     'pig_latin': 'Translate to Pig Latin: hello world',
     'primes': 'List three prime numbers',
@@ -408,7 +408,7 @@ def sentinel_report(generate: Callable[[str], str] | Mapping[str, str], # prompt
     outs = {k: (generate[k] if isinstance(generate, Mapping) else generate(p)) for k, p in SENTINEL_PROMPTS.items()}
     return SentinelReport(outs, {k: bool(SENTINEL_RULES[k][1](o)) for k, o in outs.items()}, threshold)
 
-# %% ../nbs/00_tokens.ipynb #00-tokens-054
+# %% ../nbs/00_tokens.ipynb #00-tokens-056
 def base_generate(model, # a causal LM
                   tokenizer, # its tokenizer
                   max_new_tokens: int = 48, # completion length
@@ -421,7 +421,7 @@ def base_generate(model, # a causal LM
         return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
     return generate
 
-# %% ../nbs/00_tokens.ipynb #00-tokens-057
+# %% ../nbs/00_tokens.ipynb #00-tokens-059
 @dataclass(frozen=True)
 class FewShotExample:
     "One solved example for completion-style prompts."

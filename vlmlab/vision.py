@@ -85,7 +85,7 @@ def load_reference_smart_resize():
     exec(compile(ast.Module(body=keep, type_ignores=[]), spec.origin, 'exec'), ns)
     return ns['smart_resize']
 
-# %% ../nbs/01_vision.ipynb #01-vision-022
+# %% ../nbs/01_vision.ipynb #01-vision-024
 FAMILY_PATCH_SIZE = {'qwen2_vl': 14, 'qwen2_5_vl': 14, 'qwen3_vl': 16}
 RELEASED_PIXELS = {'qwen2_vl': (3136, 12845056), 'qwen2_5_vl': (3136, 12845056), 'qwen3_vl': (65536, 16777216)}
 
@@ -161,7 +161,7 @@ class ResizeSpec:
             f"{self.fingerprint} {({k: v for k, v in asdict(self).items()})}. Its pixels and boxes do not match what the model "
             "will see: re-run `vlmlab convert` for this model, or load the processor the data was made for.")
 
-# %% ../nbs/01_vision.ipynb #01-vision-028
+# %% ../nbs/01_vision.ipynb #01-vision-030
 class ImageLoadError(ValueError):
     "An image file that cannot be decoded into RGB pixels."
 
@@ -205,7 +205,7 @@ def image_size(path: str | Path, # image file
     except (UnidentifiedImageError, OSError) as e:
         raise ImageLoadError(f"{path}: cannot read image header ({type(e).__name__}: {e})") from e
 
-# %% ../nbs/01_vision.ipynb #01-vision-037
+# %% ../nbs/01_vision.ipynb #01-vision-039
 class ImageTokenError(ValueError):
     "A sample's image tokens do not match its images."
 
@@ -236,7 +236,7 @@ def assert_image_tokens(input_ids: Sequence[int], # token ids of one sample
     if ids.count(pad) != inside:
         raise ImageTokenError(f"sample {sample_id!r}: {ids.count(pad) - inside} {IMAGE_PAD} tokens outside any vision span")
 
-# %% ../nbs/01_vision.ipynb #01-vision-041
+# %% ../nbs/01_vision.ipynb #01-vision-043
 COORD_SPACE = {'qwen2_vl': 'rel1000', 'qwen2_5_vl': 'abs_resized', 'qwen3_vl': 'rel1000'}
 
 def scale_boxes(boxes: np.ndarray | Sequence, # (n, 4) xyxy boxes
