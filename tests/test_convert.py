@@ -162,3 +162,21 @@ def test_killed_conversion_never_looks_complete_and_rerun_matches(tmp_path):
     assert (out / 'train.jsonl').read_bytes() == expected
     assert not list(out.glob('.*.tmp-*')) and not list((out / 'images' / 'train').glob('.*.tmp-*'))
     assert sorted(p.name for p in (out / 'images' / 'train').iterdir()) == sorted(p.name for p in (ref / 'images' / 'train').iterdir())
+
+
+def test_validate_refuses_paths_escaping_ds_output(tmp_path):
+    src, out = tmp_path / 'raw', tmp_path / 'ds'
+    src.mkdir()
+    raw(src, 'a', [{'bbox': [40, 50, 120, 130], 'desc': 'red square'}])
+    convert(src, out, SPEC, progress=False)
+    rec = json.loads((out / 'train.jsonl').read_text())
+    outside = tmp_path / 'outside.png'
+    shutil.copy(out / rec['image'], outside)
+    (out / rec['image']).unlink()
+    (out / rec['image']).symlink_to(outside)          # a symlink inside ds_output/ pointing out of it
+    rep = validate(out, SPEC, progress=False)
+    assert not rep.ok and 'resolves outside ds_output/' in rep.errors[0]
+    for bad in ('/etc/hosts', '../raw/a.png'):
+        (out / 'train.jsonl').write_text(json.dumps(dict(rec, image=bad)) + '\n')
+        rep = validate(out, SPEC, progress=False)
+        assert not rep.ok and 'must be relative to ds_output/' in rep.errors[0]
