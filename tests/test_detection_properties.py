@@ -99,3 +99,24 @@ def test_evaluator_perfect_and_empty():
     assert abs(r['class_agnostic']['AP50'] - 1) < 1e-9 and r['by_label']['mAP'] > 0.99 and r['captions']['exact_match'] == 1.0
     none = evaluate_detections(gts, [{'boxes': [], 'scores': [], 'labels': []}] * 2)
     assert none['class_agnostic']['AP50'] == 0.0
+
+
+def _num_boxes_worker(rank, world, port, out):
+    import torch.distributed as dist
+    from vlmlab.detection import num_boxes_global
+    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=world)
+    try:
+        targets = [{'boxes': torch.zeros(2 + 2 * rank, 4)}]          # rank 0: 2 boxes, rank 1: 4 boxes
+        out[rank] = num_boxes_global(targets, 'cpu')
+    finally:
+        dist.destroy_process_group()
+
+
+def test_num_boxes_is_all_reduced_across_two_processes():
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.spawn(_num_boxes_worker, args=(2, port, out), nprocs=2, join=True)
+    assert dict(out) == {0: 3.0, 1: 3.0}   # (2 + 4) / 2 processes, the same normalizer on both

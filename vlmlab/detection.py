@@ -250,10 +250,10 @@ class DetectionLossConfig:
     focal_gamma: float = 2.0
 
 def num_boxes_global(targets: list[dict], device) -> float:
-    "Number of target boxes summed over all processes, at least 1."
+    "Target boxes of the global batch per process (all-reduced, divided by the world size), at least 1, as DETR."
     n = torch.tensor([float(sum(len(t['boxes']) for t in targets))], device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(n); n = n / dist.get_world_size() * dist.get_world_size()
+    if dist.is_available() and dist.is_initialized():   # DDP averages gradients over processes: divide by the mean
+        dist.all_reduce(n); n = n / dist.get_world_size()
     return max(float(n.item()), 1.0)
 
 class DetectionLoss(nn.Module):
