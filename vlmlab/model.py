@@ -12,7 +12,8 @@ import torch.nn as nn
 
 # %% auto #0
 __all__ = ['MODULE_GROUPS', 'STAGES', 'TrainableSetError', 'parameter_group', 'group_parameters', 'stage_groups', 'apply_stage',
-           'optimizer_groups', 'params_without_grad', 'assert_trainable_set']
+           'optimizer_groups', 'params_without_grad', 'assert_trainable_set', 'ConfigError', 'ModelConfig',
+           'DataConfig', 'StageConfig', 'TrainingConfig', 'VLMLabConfig']
 
 # %% ../nbs/06_model.ipynb #06-model-006
 MODULE_GROUPS = ('vision', 'merger', 'llm', 'adapter', 'head')
@@ -107,3 +108,132 @@ def assert_trainable_set(model: nn.Module, # the model after the first backward 
         more = f"\n... and {len(problems) - 12} more" if len(problems) > 12 else ''
         raise TrainableSetError(f"stage {stage!r}: {len(problems)} parameter(s) off:\n- " + '\n- '.join(problems[:12]) + more)
     return got
+
+# %% ../nbs/06_model.ipynb #06-model-022
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .detection import DetectionLossConfig
+
+# %% ../nbs/06_model.ipynb #06-model-023
+class ConfigError(ValueError):
+    "A configuration file or dict that does not describe a valid run."
+
+@dataclass
+class ModelConfig:
+    "Which model to train."
+    name_or_path: str = ''                  # hub id or local folder of a Qwen-VL checkpoint
+    detection_head: bool = False            # add the detection head
+    head_d_model: int = 128                 # detection head width
+    num_queries: int = 16                   # detection_num_queries
+    max_caption_length: int = 8             # longest generated caption (tokens)
+    attn_implementation: str = 'sdpa'       # sdpa, eager or flash_attention_2
+    dtype: str = 'float32'                  # float32 or bfloat16 (fp16 overflows in Qwen-VL: refused)
+
+@dataclass
+class DataConfig:
+    "Which converted data to train on, and how samples are built."
+    ds_output: str = 'ds_output'            # folder written by `vlmlab convert`
+    train_split: str = 'train'              # {split}.jsonl to train on
+    eval_split: str | None = None           # {split}.jsonl to evaluate on
+    target: str = 'grounding'               # grounding, caption or conversation
+    max_length: int = 4096                  # most tokens per sample
+    packing: bool = False                   # pack samples into rows of max_tokens
+    max_tokens: int = 4096                  # row capacity when packing
+    teacher_ratio: float = 0.0              # probability of teacher demonstrations
+    n_teachers: int = 1                     # demonstrations per sample
+
+@dataclass
+class StageConfig:
+    "What trains, and how fast."
+    name: str = 'stage1'                    # stage1, head, stage2 or full
+    trainable: list[str] | None = None      # explicit module groups instead of the stage's
+    lrs: dict[str, float] = field(default_factory=lambda: {'vision': 2e-6, 'merger': 1e-4, 'llm': 1e-5, 'adapter': 1e-4, 'head': 1e-4})
+    lora: bool = False                      # train LoRA adapters (peft) instead of full weights
+    lora_r: int = 16                        # LoRA rank
+
+@dataclass
+class TrainingConfig:
+    "How long and how to train."
+    output_dir: str = 'runs/experiment'     # checkpoints, TensorBoard logs and metrics go here
+    epochs: float = 1.0                     # passes over the training split
+    max_steps: int = -1                     # stop after this many optimizer steps (-1: use epochs)
+    per_device_batch_size: int = 1          # samples (or packed rows) per device and micro-step
+    gradient_accumulation_steps: int = 1    # micro-steps per optimizer step
+    weight_decay: float = 0.0               # AdamW weight decay (not on biases and norms)
+    warmup_ratio: float = 0.03              # fraction of steps with linear warmup
+    seed: int = 0                           # seed for data order and initialisation
+    logging_steps: int = 10                 # log every this many steps
+    save_steps: int = 500                   # checkpoint every this many steps
+    lm_weight: float = 1.0                  # weight of the LM loss next to the detection loss
+    detection: DetectionLossConfig = field(default_factory=DetectionLossConfig)  # detection loss weights
+
+@dataclass
+class VLMLabConfig:
+    "A whole run: model, data, stage and training."
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    stage: StageConfig = field(default_factory=StageConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> VLMLabConfig:
+        "Build and check a config from a plain dict (as parsed from YAML)."
+        cfg = _build(cls, d, '')
+        stage_groups(cfg.stage.trainable or cfg.stage.name)   # unknown stage or group names fail here, named
+        if cfg.data.target not in ('grounding', 'caption', 'conversation'):
+            raise ConfigError(f"data.target: {cfg.data.target!r} is not one of 'grounding', 'caption', 'conversation'")
+        if cfg.model.dtype not in ('float32', 'bfloat16'):
+            raise ConfigError(f"model.dtype: {cfg.model.dtype!r}; use float32 or bfloat16 (fp16 overflows in Qwen-VL models)")
+        return cfg
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> VLMLabConfig:
+        "Load a config file with yaml.safe_load (never executes code)."
+        try: d = yaml.safe_load(Path(path).read_text(encoding='utf-8')) or {}
+        except yaml.YAMLError as e: raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        try: return cls.from_dict(d)
+        except ConfigError as e: raise ConfigError(f"{path}: {e}") from None
+
+    def to_dict(self) -> dict:
+        "The config as plain data (for YAML and the run's metrics file)."
+        return dataclasses.asdict(self)
+
+def _check_type(value, tp, key: str):
+    "Check (and lightly coerce) a value against a type hint; raise ConfigError naming the key."
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, getattr(__import__('types'), 'UnionType', None)):
+        if value is None and type(None) in args: return None
+        errors = []
+        for a in args:
+            if a is type(None): continue
+            try: return _check_type(value, a, key)
+            except ConfigError as e: errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if dataclasses.is_dataclass(tp): return _build(tp, value, key)
+    if origin is list:
+        if not isinstance(value, list): raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return [_check_type(v, args[0], f"{key}[{k}]") for k, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict): raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return {_check_type(k, args[0], key): _check_type(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if tp is float and isinstance(value, int) and not isinstance(value, bool): return float(value)
+    if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+def _build(cls, d, prefix: str):
+    "A dataclass instance from a dict, refusing unknown keys and wrong types."
+    if not isinstance(d, dict): raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(d).__name__} {d!r}")
+    hints, names = typing.get_type_hints(cls), [f.name for f in dataclasses.fields(cls)]
+    for k in d:
+        if k not in names:
+            near = difflib.get_close_matches(str(k), names, n=1)
+            raise ConfigError(f"{prefix + '.' if prefix else ''}{k}: unknown key" + (f" (did you mean {near[0]!r}?)" if near else '')
+                              + f"; allowed in {prefix or 'the top level'}: {', '.join(names)}")
+    return cls(**{k: _check_type(v, hints[k], f"{prefix + '.' if prefix else ''}{k}") for k, v in d.items()})
