@@ -41,7 +41,7 @@ def test_focal_loss_formula(x, alpha, gamma):
     ref = -a_t * (1 - p_t) ** gamma * torch.log(p_t.clamp(min=1e-300))
     got = sigmoid_focal_loss(lg, y, alpha, gamma)
     assert torch.isfinite(got).all()
-    assert torch.allclose(got, ref, rtol=1e-6, atol=1e-8) or (ref > 50).any()
+    assert torch.allclose(got, ref, rtol=1e-6, atol=1e-8)
 
 
 @settings(max_examples=200, deadline=None)

@@ -13,14 +13,14 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .tokens import (IMAGE_PAD, IM_END, OBJECT_REF_START, OBJECT_REF_END, BOX_START, BOX_END, SPECIAL_TOKENS,
-                           VISION_START, VISION_END, VIDEO_PAD, VISION_PAD, chatml_segments, image_token_count)
+from .tokens import (IMAGE_PAD, IM_END, OBJECT_REF_START, OBJECT_REF_END, BOX_START, BOX_END, VISION_START,
+                           VISION_END, VIDEO_PAD, VISION_PAD, chatml_segments, image_token_count, mm_token_type_ids)
 from .vision import ResizeSpec, assert_image_tokens, boxes_to_model, load_image
 from .data import resolve_inside
 
@@ -139,7 +139,7 @@ class ChatProcessor:
         self.spec = ResizeSpec.from_image_processor(image_processor, family)
         self.merge_size = image_processor.merge_size
         self.vision_ids = {tokenizer.convert_tokens_to_ids(t) for t in (VISION_START, VISION_END, VISION_PAD, IMAGE_PAD, VIDEO_PAD)}
-        self.image_id, self.video_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD), tokenizer.convert_tokens_to_ids(VIDEO_PAD)
+        self.image_token_id, self.video_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD), tokenizer.convert_tokens_to_ids(VIDEO_PAD)
         self.stats = ChatStats()
 
     def example_messages(self, record: dict) -> list[dict]:
@@ -225,7 +225,7 @@ class ChatProcessor:
                 owner = 'teacher' if k == 1 else 'student'
                 if spans[owner] and spans[owner][-1][1] == p: spans[owner][-1] = (spans[owner][-1][0], p + 1)
                 else: spans[owner].append((p, p + 1))
-        mm = torch.zeros_like(input_ids, dtype=torch.int32); mm[input_ids == self.image_id] = 1; mm[input_ids == self.video_id] = 2
+        mm = mm_token_type_ids(input_ids, self)
         return ProcessedSample(sid, input_ids, labels, mm, kind, px['pixel_values'], grids, spans, roles, truncated,
                                images, record['objects'], pieces)
 

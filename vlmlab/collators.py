@@ -16,24 +16,31 @@ import torch
 from .chat import ProcessedSample
 
 # %% auto #0
-__all__ = ['VLMLAB_KEYS', 'mrope_position_ids', 'packed_position_ids', 'CollatorError', 'StandardDataCollator',
+__all__ = ['VLMLAB_KEYS', 'modality_runs', 'mrope_position_ids', 'packed_position_ids', 'CollatorError', 'StandardDataCollator',
            'assert_packed_batch', 'PackedDataCollator', 'model_inputs', 'plan_packs', 'packing_stats',
            'PackedBatchSampler']
 
 # %% ../nbs/04_collators.ipynb #04-collators-006
+def modality_runs(mm_token_type_ids: torch.Tensor, # (L,) token modalities: 0 text, 1 image, 2 video
+                 ) -> list[tuple[int, int, int]]:
+    "Maximal runs of one modality as (modality, start, end)."
+    types = mm_token_type_ids.flatten()
+    if len(types) == 0: return []
+    cuts = ((types[1:] != types[:-1]).nonzero().flatten() + 1).tolist()
+    return [(int(types[k]), k, j) for k, j in zip([0] + cuts, cuts + [len(types)])]
+
 def mrope_position_ids(mm_token_type_ids: torch.Tensor, # (L,) 0 text, 1 image
                        image_grid_thw: torch.Tensor | None, # (n_images, 3) in order of appearance
                        spatial_merge_size: int = 2, # the merger's spatial merge size
                       ) -> torch.Tensor:
     "(3, L) mRoPE positions of one sample, as the Qwen-VL models compute them for images."
-    types = mm_token_type_ids.flatten()
-    if bool((types == 2).any()): raise NotImplementedError("video tokens: per-sample mRoPE for videos is not supported by the collators")
-    if len(types) == 0: return torch.zeros(3, 0, dtype=torch.long)
-    cuts = ((types[1:] != types[:-1]).nonzero().flatten() + 1).tolist()
+    runs = modality_runs(mm_token_type_ids)
+    if any(kind == 2 for kind, _, _ in runs): raise NotImplementedError("video tokens: per-sample mRoPE for videos is not supported by the collators")
+    if not runs: return torch.zeros(3, 0, dtype=torch.long)
     grids = iter([] if image_grid_thw is None else image_grid_thw.tolist())
     out, pos = [], 0
-    for k, j in zip([0] + cuts, cuts + [len(types)]):   # runs of one modality
-        if int(types[k]) == 0:
+    for kind, k, j in runs:
+        if kind == 0:
             out.append(torch.arange(pos, pos + j - k).expand(3, -1)); pos += j - k
         else:
             t, h, w = next(grids); h, w = h // spatial_merge_size, w // spatial_merge_size

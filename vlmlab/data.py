@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from .vision import (ImageLoadError, ResizeError, ResizeSpec, image_size, load_image, scale_boxes)
+from .vision import ImageLoadError, ResizeError, ResizeSpec, load_image, scale_boxes
 
 # %% auto #0
 __all__ = ['BOX_FORMAT', 'RECORD_KEYS', 'SHAPE_COLORS', 'SHAPE_KINDS', 'IMAGE_EXTS', 'BOX_TOLERANCE', 'LLAVA_ROLES', 'Reject',
@@ -400,7 +400,7 @@ def convert(inputs: str | Path | list, # raw JSON folder(s)/files, a LLaVA JSON 
     inputs = [Path(p) for p in (inputs if isinstance(inputs, (list, tuple)) else [inputs])]
     for p in inputs:
         if not p.exists(): raise FileNotFoundError(f"input {p} does not exist")
-    samples, seen, pre_rejects = [], set(), []
+    samples, seen = [], set()
     for s in _iter_samples(inputs, fmt, migrate_old, image_root):
         if s.error is None and s.id in seen: s.error = f"{s.source}: duplicate id {s.id!r} (ids name the stored images)"
         seen.add(s.id); samples.append(s)

@@ -10,9 +10,9 @@ import io
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -21,8 +21,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
-from .tokens import BOX_END, BOX_START, OBJECT_REF_END, OBJECT_REF_START
-from .vision import COORD_SPACE, boxes_from_model, scale_boxes
+from .collators import modality_runs
+from .tokens import BOX_END, BOX_START, OBJECT_REF_END, OBJECT_REF_START, mm_token_type_ids
+from .vision import boxes_from_model, scale_boxes
 
 # %% auto #0
 __all__ = ['EPS', 'box_cxcywh_to_xyxy', 'box_xyxy_to_cxcywh', 'box_area', 'box_iou', 'generalized_box_iou', 'sigmoid_focal_loss',
@@ -126,10 +127,8 @@ def image_token_xy(mm_token_type_ids: torch.Tensor, # (B, L) 0 text, 1 image
     xy = torch.full((*mm_token_type_ids.shape, 2), -1.0)
     grids = iter([] if image_grid_thw is None else image_grid_thw.tolist())
     for b in range(mm_token_type_ids.shape[0]):
-        types = mm_token_type_ids[b]
-        cuts = ((types[1:] != types[:-1]).nonzero().flatten() + 1).tolist()
-        for k, j in zip([0] + cuts, cuts + [len(types)]):
-            if int(types[k]) != 1: continue
+        for kind, k, j in modality_runs(mm_token_type_ids[b]):
+            if kind != 1: continue
             t, h, w = next(grids); h, w = h // merge_size, w // merge_size
             r, c = torch.meshgrid(torch.arange(h), torch.arange(w), indexing='ij')
             pts = torch.stack([(c.flatten() + .5) / w, (r.flatten() + .5) / h], -1).repeat(t, 1)
@@ -482,7 +481,7 @@ def detect(detector: VLMDetector, # a trained detector
     text = expand_image_pads(render_chatml(msgs, detector.family, add_generation_prompt=True), px['image_grid_thw'],
                              detector.image_processor.merge_size)
     ids = torch.tensor([detector.tokenizer(text, add_special_tokens=False)['input_ids']])
-    mm = torch.zeros_like(ids, dtype=torch.int32); mm[ids == detector.vlm.config.image_token_id] = 1
+    mm = mm_token_type_ids(ids, detector.vlm.config)
     dev = next(detector.parameters()).device
     batch = {'input_ids': ids.to(dev), 'attention_mask': torch.ones_like(ids, dtype=torch.bool).to(dev), 'mm_token_type_ids': mm.to(dev),
              'label_kind': torch.zeros_like(mm).to(dev), 'pixel_values': px['pixel_values'].to(dev), 'image_grid_thw': px['image_grid_thw'].to(dev)}

@@ -17,7 +17,6 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 # %% auto #0
 __all__ = ['TORCH_PROBE', 'KEY_PACKAGES', 'MIN_VERSIONS', 'Check', 'check_torch', 'check_versions', 'writable_alternative',
@@ -58,7 +57,6 @@ def check_torch(timeout: float = 60, # seconds before the import is declared hun
                 code: str = TORCH_PROBE, # probe program; it must print VLMLAB_PROBE + json
                ) -> Check:
     "Import torch in a subprocess with a timeout and report its version and devices."
-    t0 = time.time()
     try:
         r = subprocess.run([python, '-c', code], capture_output=True, text=True, timeout=timeout,
                            start_new_session=True)

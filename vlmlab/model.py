@@ -5,7 +5,7 @@
 # %% ../nbs/06_model.ipynb #06-model-003
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn as nn

@@ -15,7 +15,7 @@ from pathlib import Path
 import tokenizers
 import torch
 import transformers
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
 from transformers.utils import logging as hf_logging
 from transformers import (AutoConfig, AutoModelForImageTextToText, Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer,
                           Qwen2VLConfig, Qwen2VLImageProcessorPil, Qwen2_5_VLConfig, Qwen3VLConfig)

@@ -11,7 +11,7 @@ import json
 import random
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -103,7 +103,6 @@ def assert_special_tokens(tokenizer, # a transformers tokenizer
                             f"(<|endoftext|> block at {base} + offset {t.offset}; Qwen checkpoints use {t.qwen_id}). "
                             f"Fix: the tokenizer was edited or belongs to another model; reload it from the model's checkpoint.")
     if config is not None:
-        cfgs = [config] + ([config.text_config] if getattr(config, 'text_config', None) is not None else [])
         for fld, text in CONFIG_TOKEN_FIELDS.items():
             val = getattr(config, fld, None)
             if val is not None and ids.get(text, -1) >= 0 and val != ids[text]:
@@ -295,7 +294,7 @@ def expand_image_pads(text: str, # rendered ChatML with one <|image_pad|> per im
     return pieces[0] + ''.join(IMAGE_PAD * image_token_count(g, merge_size) + rest for g, rest in zip(grids, pieces[1:]))
 
 def mm_token_type_ids(input_ids: torch.Tensor, # token ids, any shape
-                      config, # model config with image_token_id / video_token_id
+                      config, # anything with image_token_id / video_token_id (a model config, a ChatProcessor)
                      ) -> torch.Tensor:
     "Modality of each token as the Qwen-VL models expect it: 0 text, 1 image, 2 video."
     types = torch.zeros_like(input_ids, dtype=torch.int32)
