@@ -29,8 +29,8 @@ from .vision import boxes_from_model, scale_boxes
 __all__ = ['EPS', 'box_cxcywh_to_xyxy', 'box_xyxy_to_cxcywh', 'box_area', 'box_iou', 'generalized_box_iou', 'sigmoid_focal_loss',
            'HungarianMatcher', 'sine_xy_embedding', 'image_token_xy', 'MLP', 'DetectionHead', 'DetectionLossConfig',
            'num_boxes_global', 'DetectionLoss', 'check_loss_balance', 'GroundingParseError', 'parse_grounding',
-           'grounding_to_pixels', 'evaluate_detections', 'detection_targets', 'VLMDetector', 'detect', 'train_detector',
-           'detector_predictions', 'ground_truth', 'baseline_predictions']
+           'grounding_to_pixels', 'evaluate_detections', 'detection_targets', 'lm_loss_terms', 'VLMDetector', 'detect',
+           'train_detector', 'detector_predictions', 'ground_truth', 'baseline_predictions']
 
 # %% ../nbs/05_detection.ipynb #05-detection-006
 EPS = 1e-7
@@ -292,10 +292,11 @@ class DetectionLoss(nn.Module):
 
     def forward(self, out: dict, # the head's outputs
                 targets: list[dict], # per image: boxes (n, 4) cxcywh normalized, captions [LongTensor]
+                num_boxes: float | None = None, # normalizer (default: `num_boxes_global`); a trainer passes the count of its whole accumulation window
                ) -> dict[str, torch.Tensor]:
         "Each loss term and their weighted sum `loss`."
         idx = self.matcher(out, targets, self.head.caption_nll)
-        n = num_boxes_global(targets, out['pred_boxes'].device)
+        n = num_boxes_global(targets, out['pred_boxes'].device) if num_boxes is None else max(float(num_boxes), 1.0)
         l1, giou = self.loss_boxes(out, targets, idx, n)
         terms = {'bbox_l1': l1, 'bbox_giou': giou, 'objectness': self.loss_objectness(out, idx, n),
                  'caption': self.loss_caption(out, targets, idx, n)}
@@ -418,10 +419,23 @@ def detection_targets(samples: Sequence, # processed samples (their `objects` an
                     'captions': [torch.tensor(tokenizer(o['label'], add_special_tokens=False)['input_ids']) for o in s.objects]})
     return out
 
+def lm_loss_terms(logits: torch.Tensor, # (B, L, V) the model's logits
+                  labels: torch.Tensor, # (B, L) targets, -100 where there is none (not yet shifted)
+                  label_kind: torch.Tensor, # (B, L) 1 teacher answer, 2 student answer
+                  num_items_in_batch: torch.Tensor | int | None = None, # divisor (default: the label tokens of this batch)
+                 ) -> dict[str, torch.Tensor]:
+    "Next-token cross-entropy summed over the answer tokens, split into teacher and student parts, each divided by one count."
+    logits, labels, kind = logits[:, :-1], labels[:, 1:], label_kind[:, 1:]
+    ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten().to(logits.device), ignore_index=-100,
+                         reduction='none').view(labels.shape)
+    n = (labels != -100).sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+    kind = kind.to(ce.device)
+    return {'lm_loss': ce.sum() / n, 'teacher_lm_loss': ce[kind == 1].sum() / n, 'student_lm_loss': ce[kind == 2].sum() / n}
+
 class VLMDetector(nn.Module):
-    "A Qwen-VL model with a detection head on its final hidden states."
+    "A Qwen-VL model with an optional detection head on its final hidden states."
     def __init__(self, vlm, # a transformers Qwen-VL model
-                 head: DetectionHead, # the detection head
+                 head: DetectionHead | None, # the detection head (None: the plain VLM)
                  tokenizer, # the model's tokenizer (captions, prompts)
                  image_processor, # the model's image processor
                  family: str, # model family
@@ -430,7 +444,7 @@ class VLMDetector(nn.Module):
                 ):
         super().__init__()
         self.vlm, self.head, self.tokenizer, self.image_processor, self.family = vlm, head, tokenizer, image_processor, family
-        self.criterion, self.lm_weight = DetectionLoss(head, loss_config), lm_weight
+        self.criterion, self.lm_weight = (DetectionLoss(head, loss_config) if head is not None else None), lm_weight
 
     def head_inputs(self, hidden: torch.Tensor, batch: dict):
         "Per-sample memory: hidden states, mask (image + prompt tokens) and image-token positions."
@@ -449,18 +463,26 @@ class VLMDetector(nn.Module):
         return H, M, X
 
     def forward(self, batch: dict, # a collated batch (standard or packed)
-                targets: list[dict] | None = None, # `detection_targets` of its samples, for the losses
+                targets: list[dict] | None = None, # `detection_targets` of its samples, for the detection losses
+                num_items_in_batch: torch.Tensor | int | None = None, # LM loss divisor (see `lm_loss_terms`)
+                num_boxes: float | None = None, # detection loss normalizer (see `DetectionLoss`)
                ) -> dict:
-        "Head outputs and, given targets, every loss term: lm_loss, the detection terms, and `loss`."
+        "Head outputs; with labels and/or targets, every loss term (lm, teacher, student, detection) and `loss`."
         from vlmlab.collators import model_inputs
-        out = self.vlm(**model_inputs(batch), output_hidden_states=True)
-        pred = self.head(*self.head_inputs(out.hidden_states[-1], batch))
-        if targets is None: return pred
-        terms = self.criterion(pred, targets)
-        det = terms.pop('loss')
-        res = {**pred, **terms, 'detection_loss': det}
-        res['lm_loss'] = out.loss if out.loss is not None else det * 0
-        res['loss'] = det + self.lm_weight * res['lm_loss']
+        inputs = {k: v for k, v in model_inputs(batch).items() if k != 'labels'}   # the loss is computed here
+        out = self.vlm(**inputs, output_hidden_states=self.head is not None)
+        res = self.head(*self.head_inputs(out.hidden_states[-1], batch)) if self.head is not None else {}
+        if 'labels' not in batch and targets is None: return res
+        loss = 0.0
+        if 'labels' in batch:
+            res.update(lm_loss_terms(out.logits, batch['labels'], batch['label_kind'], num_items_in_batch))
+            loss = self.lm_weight * res['lm_loss']
+        if targets is not None:
+            if self.head is None: raise ValueError("detection targets given to a model without a detection head")
+            terms = self.criterion(res, targets, num_boxes)
+            res.update(terms, detection_loss=terms.pop('loss'))
+            loss = loss + res['detection_loss']
+        res['loss'] = loss
         return res
 
 # %% ../nbs/05_detection.ipynb #05-detection-038

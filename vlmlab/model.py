@@ -11,9 +11,10 @@ import torch
 import torch.nn as nn
 
 # %% auto #0
-__all__ = ['MODULE_GROUPS', 'STAGES', 'TrainableSetError', 'parameter_group', 'group_parameters', 'stage_groups', 'apply_stage',
-           'optimizer_groups', 'params_without_grad', 'assert_trainable_set', 'ConfigError', 'ModelConfig',
-           'DataConfig', 'StageConfig', 'TrainingConfig', 'VLMLabConfig']
+__all__ = ['MODULE_GROUPS', 'STAGES', 'FAMILY_OF_MODEL_TYPE', 'LORA_TARGETS', 'TrainableSetError', 'parameter_group',
+           'group_parameters', 'stage_groups', 'apply_stage', 'optimizer_groups', 'params_without_grad',
+           'assert_trainable_set', 'ConfigError', 'ModelConfig', 'DataConfig', 'StageConfig', 'TrainingConfig',
+           'VLMLabConfig', 'resolve_model_path', 'load_model', 'add_lora']
 
 # %% ../nbs/06_model.ipynb #06-model-006
 MODULE_GROUPS = ('vision', 'merger', 'llm', 'adapter', 'head')
@@ -57,12 +58,13 @@ def apply_stage(model: nn.Module, # a VLM or VLMDetector
                 stage: str | Sequence[str], # stage name or trainable groups
                ) -> dict[str, int]:
     "Set `requires_grad` on every parameter (never on modules) for the stage; return trainable counts per group."
-    train = stage_groups(stage)
-    counts = {g: 0 for g in MODULE_GROUPS}
+    train, counts = stage_groups(stage), {g: 0 for g in MODULE_GROUPS}
     for g, params in group_parameters(model).items():
-        for _, p in params:
-            p.requires_grad_(g in train)
-            if g in train: counts[g] += p.numel()
+        lora = any('lora_' in n for n, _ in params)   # a group with LoRA adapters trains only its adapters
+        for n, p in params:
+            on = g in train and (not lora or 'lora_' in n)
+            p.requires_grad_(on)
+            if on: counts[g] += p.numel()
     if not any(counts.values()): raise TrainableSetError(f"stage {stage!r} leaves no trainable parameter in this model")
     return counts
 
@@ -93,10 +95,14 @@ def assert_trainable_set(model: nn.Module, # the model after the first backward 
     "Check that exactly the stage's parameters require and received gradients; name every offender."
     train, problems, got = stage_groups(stage), [], {g: 0 for g in MODULE_GROUPS}
     for g, params in group_parameters(model).items():
+        lora = any('lora_' in n for n, _ in params)
         for n, p in params:
             has = p.grad is not None
             got[g] += has
-            if g not in train and (p.requires_grad or has):
+            if g in train and lora and 'lora_' not in n:   # base weights under LoRA adapters stay frozen
+                if p.requires_grad or has: problems.append(f"{n} ({g}) is a base weight under LoRA adapters but " +
+                                                           ('requires_grad is True' if p.requires_grad else 'has a gradient'))
+            elif g not in train and (p.requires_grad or has):
                 problems.append(f"{n} ({g}) should be frozen but " + ('requires_grad is True' if p.requires_grad else 'has a gradient')
                                 + (' and received a gradient' if p.requires_grad and has else ''))
             elif g in train and not p.requires_grad:
@@ -237,3 +243,56 @@ def _build(cls, d, prefix: str):
             raise ConfigError(f"{prefix + '.' if prefix else ''}{k}: unknown key" + (f" (did you mean {near[0]!r}?)" if near else '')
                               + f"; allowed in {prefix or 'the top level'}: {', '.join(names)}")
     return cls(**{k: _check_type(v, hints[k], f"{prefix + '.' if prefix else ''}{k}") for k, v in d.items()})
+
+# %% ../nbs/06_model.ipynb #06-model-028
+from .tokens import assert_special_tokens, OBJECT_REF_START, OBJECT_REF_END
+from .detection import DetectionHead, VLMDetector
+
+FAMILY_OF_MODEL_TYPE = {'qwen2_vl': 'qwen2_vl', 'qwen2_5_vl': 'qwen2_5_vl', 'qwen3_vl': 'qwen3_vl'}
+
+def resolve_model_path(name_or_path: str) -> str:
+    "A hub id or folder as given; `tiny-kit/<family>` becomes the cached tiny kit's folder."
+    if name_or_path.startswith('tiny-kit/'):
+        from vlmlab.tiny import tiny_kit
+        return str(tiny_kit(name_or_path.split('/', 1)[1]))
+    return name_or_path
+
+def load_model(config: ModelConfig, # which model, head and dtype
+               loss_config: DetectionLossConfig | None = None, # detection loss weights
+               lm_weight: float = 1.0, # weight of the LM loss next to the detection loss
+              ) -> VLMDetector:
+    "Load a Qwen-VL model with its tokenizer and image processor, check its tokens, and add the head if asked."
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+    if not config.name_or_path: raise ConfigError("model.name_or_path is empty: give a hub id, a folder, or tiny-kit/<family>")
+    if config.dtype not in ('float32', 'bfloat16'):
+        raise ConfigError(f"model.dtype: {config.dtype!r}; use float32 or bfloat16 (fp16 overflows in Qwen-VL models)")
+    path = resolve_model_path(config.name_or_path)
+    tok, ip = AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path)
+    vlm = AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, config.dtype),
+                                                      attn_implementation=config.attn_implementation)
+    family = FAMILY_OF_MODEL_TYPE.get(vlm.config.model_type)
+    if family is None: raise ConfigError(f"{config.name_or_path}: model_type {vlm.config.model_type!r} is not a Qwen-VL family "
+                                         f"model ({', '.join(FAMILY_OF_MODEL_TYPE)})")
+    assert_special_tokens(tok, vlm.config)
+    head = None
+    if config.detection_head:
+        head = DetectionHead(vlm.config.text_config.hidden_size, len(tok), tok.convert_tokens_to_ids(OBJECT_REF_START),
+                             tok.convert_tokens_to_ids(OBJECT_REF_END), d_model=config.head_d_model,
+                             num_queries=config.num_queries, max_caption_length=config.max_caption_length).to(vlm.dtype)
+    return VLMDetector(vlm, head, tok, ip, family, loss_config, lm_weight)
+
+# %% ../nbs/06_model.ipynb #06-model-031
+LORA_TARGETS = r'.*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)'
+
+def add_lora(model: nn.Module, # a VLMDetector (or a transformers Qwen-VL model)
+             r: int = 16, # LoRA rank
+             alpha: int | None = None, # LoRA alpha (default 2r)
+             target_modules: str = LORA_TARGETS, # regex of the modules to adapt
+            ) -> int:
+    "Inject LoRA adapters (peft) into the language model; return the number of adapter parameters."
+    from peft import LoraConfig, inject_adapter_in_model
+    vlm = getattr(model, 'vlm', model)
+    inject_adapter_in_model(LoraConfig(r=r, lora_alpha=alpha or 2 * r, target_modules=target_modules, lora_dropout=0.0), vlm)
+    n = sum(p.numel() for n, p in vlm.named_parameters() if 'lora_' in n)
+    if not n: raise ValueError(f"no module matched the LoRA target {target_modules!r}")
+    return n
