@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import inspect
 import io
+import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -19,7 +20,7 @@ from .doctor import doctor_json, doctor_report, run_doctor
 
 # %% auto #0
 __all__ = ['COMMANDS', 'FLAG_NAMES', 'command', 'command_parser', 'doctor', 'demo', 'resize_spec', 'make_shapes',
-           'clean_raw_json', 'convert', 'validate', 'build_parser', 'main']
+           'clean_raw_json', 'convert', 'validate', 'train', 'build_parser', 'main']
 
 # %% ../nbs/90_cli.ipynb #90-cli-005
 COMMANDS: dict[str, Callable[..., int]] = {}
@@ -189,6 +190,31 @@ def validate(out_dir: str = 'ds_output', # the converted data folder
     report = _validate(out_dir, spec, not skip_images, not quiet)
     print(report)
     return 0 if report.ok else 1
+
+@command
+def train(config: str = None, # YAML run config (see configs/)
+          resume: bool = False, # resume from the last complete checkpoint in the output folder
+          max_steps: int = None, # override training.max_steps
+          output_dir: str = None, # override training.output_dir
+          quiet: bool = False, # no progress bars
+         ) -> int:
+    "Train from a config: pre-flight checks, then checkpoints, TensorBoard logs and metrics.json in the output folder."
+    from vlmlab.model import VLMLabConfig, ConfigError
+    from vlmlab.trainer import train_from_config, DataError, NonFiniteError
+    if config is None: print("vlmlab train: --config is required (a YAML run config, see configs/)", file=sys.stderr); return 2
+    try:
+        cfg = VLMLabConfig.from_yaml(config)
+        if max_steps is not None: cfg.training.max_steps = max_steps
+        if output_dir is not None: cfg.training.output_dir = output_dir
+        metrics = train_from_config(cfg, resume=resume, progress=not quiet)
+    except (ConfigError, DataError, OSError) as e:
+        print(f"vlmlab train: {e}", file=sys.stderr); return 2
+    except NonFiniteError as e:
+        print(f"vlmlab train: stopped: {e}", file=sys.stderr); return 3
+    if int(os.environ.get('RANK', '0')) == 0:
+        out = Path(cfg.training.output_dir)
+        print(f"final model: {metrics['final_model']}\nTensorBoard: {metrics['tensorboard']}\nmetrics: {out / 'metrics.json'}")
+    return 0
 
 # %% ../nbs/90_cli.ipynb #90-cli-011
 def build_parser() -> argparse.ArgumentParser:

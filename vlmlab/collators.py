@@ -58,7 +58,7 @@ def packed_position_ids(sample: ProcessedSample, # a processed sample
                       mrope_position_ids(sample.mm_token_type_ids, sample.image_grid_thw, spatial_merge_size)])
 
 # %% ../nbs/04_collators.ipynb #04-collators-008
-VLMLAB_KEYS = ('label_kind', 'cu_seqlens', 'sample_ids')  # batch entries for vlmlab's checks and loss split, not the model
+VLMLAB_KEYS = ('label_kind', 'cu_seqlens', 'sample_ids', 'detection_targets')  # batch entries for vlmlab's checks and losses, not the model
 
 class CollatorError(ValueError):
     "A batch that breaks a collator contract."

@@ -173,6 +173,7 @@ class TrainingConfig:
     gradient_accumulation_steps: int = 1    # micro-steps per optimizer step
     weight_decay: float = 0.0               # AdamW weight decay (not on biases and norms)
     warmup_ratio: float = 0.03              # fraction of steps with linear warmup
+    max_grad_norm: float = 1.0              # gradient clipping (0: none)
     seed: int = 0                           # seed for data order and initialisation
     logging_steps: int = 10                 # log every this many steps
     save_steps: int = 500                   # checkpoint every this many steps
