@@ -17,3 +17,7 @@ def vlmlab_bin():
     exe = Path(sys.executable).parent / 'vlmlab'
     assert exe.exists(), f'{exe} not found: install the package first (make test does)'
     return str(exe)
+
+
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'slow: takes tens of seconds (multi-process, subprocess training); run by make test all the same')

@@ -104,7 +104,10 @@ class HungarianMatcher(nn.Module):
         for i, t in enumerate(targets):
             if len(t['boxes']) == 0:
                 res.append((torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))); continue
-            q, j = linear_sum_assignment(self.cost_matrix(out, i, t, caption_nll).float().cpu().numpy())
+            cost = self.cost_matrix(out, i, t, caption_nll).float()
+            if not bool(torch.isfinite(cost).all()):
+                raise FloatingPointError(f"image {i} of the batch: non-finite matching cost (the head's predictions hold NaN or inf)")
+            q, j = linear_sum_assignment(cost.cpu().numpy())
             res.append((torch.as_tensor(q, dtype=torch.long), torch.as_tensor(j, dtype=torch.long)))
         return res
 

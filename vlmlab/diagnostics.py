@@ -31,7 +31,7 @@ __all__ = ['FROZEN_BELOW', 'GOLDILOCKS', 'UNSTABLE_ABOVE', 'UPDATE_RATIO_CAUSES'
            'paired_power', 'paired_sample_size', 'ImageFingerprint', 'image_fingerprint', 'find_near_duplicates',
            'check_leakage', 'evaluate_checkpoints']
 
-# %% ../nbs/08_diagnostics.ipynb #08-diagnosti-007
+# %% ../nbs/08_diagnostics.ipynb #08-diagnosti-008
 @dataclass
 class Verdict:
     "A diagnosis: the subject, the verdict, whether it is fine, the likely cause in words, and the numbers behind it."
@@ -76,7 +76,7 @@ def metric_series(logs: Mapping | Sequence[Mapping], # {group: value or values} 
                     steps.append(rec.get('step', i)); vals.append(v)
     return {g: (np.asarray(s, dtype=float), np.asarray(v, dtype=float)) for g, (s, v) in out.items()}
 
-# %% ../nbs/08_diagnostics.ipynb #08-diagnosti-011
+# %% ../nbs/08_diagnostics.ipynb #08-diagnosti-012
 FROZEN_BELOW = 1e-5         # seeds: below this the weights do not move
 GOLDILOCKS = (1e-4, 1e-2)   # one decade either side of the seeds' 1e-3 target
 UNSTABLE_ABOVE = 1e-1       # seeds: above this every step changes the weights by > 10%
@@ -128,7 +128,7 @@ def update_ratio_verdicts(ratios: Mapping | Sequence[Mapping], # {group: ratio o
         out.append(Verdict(g, cls, ok, cause, ev))
     return out
 
-# %% ../nbs/08_diagnostics.ipynb #08-diagnosti-015
+# %% ../nbs/08_diagnostics.ipynb #08-diagnosti-016
 def _params(ps: Iterable) -> list[torch.Tensor]:
     "Parameters from parameters or (name, parameter) pairs."
     return [p[1] if isinstance(p, tuple) else p for p in ps]
@@ -168,7 +168,7 @@ def group_norms(groups: Mapping[str, Iterable], # {group: parameters or (name, p
             out[f'step_ratio/{g}'] = dn / wn if wn > 0 else float('inf')
     return out
 
-# %% ../nbs/08_diagnostics.ipynb #08-diagnosti-023
+# %% ../nbs/08_diagnostics.ipynb #08-diagnosti-024
 EXPLODING_ABOVE = 10.0      # seeds: gradient norm above this is exploding
 
 GRAD_NORM_CAUSES = {
@@ -217,7 +217,7 @@ def grad_norm_verdicts(norms: Mapping | Sequence[Mapping], # {group: norms over 
         out.append(Verdict(g, cls, ok, cause, ev))
     return out
 
-# %% ../nbs/08_diagnostics.ipynb #08-diagnosti-029
+# %% ../nbs/08_diagnostics.ipynb #08-diagnosti-030
 @dataclass(frozen=True)
 class CurveThresholds:
     "The documented constants of `diagnose_loss_curve` (times are fractions of the run)."
@@ -246,17 +246,18 @@ def loss_series(curve: Sequence, # losses, (step, loss) pairs, or a log_history 
         raise ValueError(f"steps must increase: step {steps[k + 1]:g} follows {steps[k]:g} (two runs in one log?)")
     return steps, losses
 
-def _first_reach(t: np.ndarray, frac: np.ndarray, q: float) -> float:
-    "The first time at which a progress fraction reaches q (1.0 if never)."
-    k = np.flatnonzero(frac >= q)
-    return float(t[k[0]]) if len(k) else 1.0
+def _settled(t: np.ndarray, frac: np.ndarray, q: float) -> float:
+    "The time from which a progress fraction stays at or above q for good (1.0 if it ends below)."
+    below = np.flatnonzero(frac < q)
+    if not len(below): return float(t[0])
+    return float(t[below[-1] + 1]) if below[-1] + 1 < len(t) else 1.0
 
 def diagnose_loss_curve(curve: Sequence, # losses, (step, loss) pairs, or a log_history
                         floor: float = 0.0, # the lowest loss this task can reach (defines "high")
                         thresholds: CurveThresholds = CurveThresholds(), # the rules' constants
                         key: str = 'loss', # the loss key in a log_history
                        ) -> Verdict:
-    "Classify a loss curve: nan_death, diverging, plateau, hockey_stick, slow_burn or healthy, with evidence."
+    "Classify a loss curve (nan_death, diverging, plateau, hockey_stick, slow_burn, healthy or too_short) with evidence."
     th = thresholds
     steps, y = loss_series(curve, key)
     bad = ~np.isfinite(y)
@@ -267,7 +268,7 @@ def diagnose_loss_curve(curve: Sequence, # losses, (step, loss) pairs, or a log_
         if k:
             ev.update(last_loss=float(before[-1]), best_loss=float(before.min()))
             if before[-1] > 1.5 * before.min():
-                cause += (f" after rising {before[-1] / before.min():.1f}x from its best ({before.min():.3g}): divergence; "
+                cause += (f" after rising {before[-1] / before.min():.3g}x from its best ({before.min():.3g}): divergence; "
                           "lower the learning rate (or the warmup peak) and clip gradients")
             else: cause += " without rising first: an overflow (fp16: use bf16 or a loss scaler), log(0) or a division by zero"
         return Verdict('loss', 'nan_death', False, cause + "; restart from the last checkpoint before that step", ev)
@@ -290,7 +291,7 @@ def diagnose_loss_curve(curve: Sequence, # losses, (step, loss) pairs, or a log_
                        "missing from the optimizer, learning rate 0, labels all -100, a detached graph)", ev)
     drop = s[0] - s[-1]
     frac = (s[0] - s) / drop if drop > 0 else np.zeros_like(s)
-    t10, t50, t90 = (_first_reach(t, frac, q) for q in (.1, .5, .9))
+    t10, t50, t90 = (_settled(t, frac, q) for q in (.1, .5, .9))
     ev.update(fell_10=t10, fell_50=t50, fell_90=t90)
     if scale > 0 and drop / scale >= th.min_drop and t10 >= th.flat_start and t50 - t10 <= th.sudden * t10:
         return Verdict('loss', 'hockey_stick', False, f"flat for the first {t10:.0%} of the run, then half the drop within "
@@ -310,7 +311,7 @@ def diagnose_loss_curve(curve: Sequence, # losses, (step, loss) pairs, or a log_
                        "use, such as an image that never reaches it)", ev)
     return Verdict('loss', 'healthy', True, f"fell {ev['progress']:.0%} of the way to floor {floor:g} and flattened", ev)
 
-# %% ../nbs/08_diagnostics.ipynb #08-diagnosti-039
+# %% ../nbs/08_diagnostics.ipynb #08-diagnosti-040
 def span_iou(pred_start: int, # predicted span [pred_start, pred_end)
              pred_end: int,
              gold_start: int, # gold span [gold_start, gold_end)
@@ -324,7 +325,7 @@ def span_iou(pred_start: int, # predicted span [pred_start, pred_end)
     union = (pred_end - pred_start) + (gold_end - gold_start) - inter
     return inter / union if union else both_empty
 
-# %% ../nbs/08_diagnostics.ipynb #08-diagnosti-046
+# %% ../nbs/08_diagnostics.ipynb #08-diagnosti-047
 def token_span_to_chars(start: int, # first token of the span (indices count special tokens such as BOS)
                         end: int, # one past the last token
                         offsets: Sequence[tuple[int, int]], # the tokenizer's offset mapping of the same sequence
@@ -345,7 +346,7 @@ def highlight_span(text: str, # the text the character offsets refer to
     if not 0 <= start <= end <= len(text): raise ValueError(f"character span [{start}, {end}) outside the text of length {len(text)}")
     return text[:start] + marks[0] + text[start:end] + marks[1] + text[end:]
 
-# %% ../nbs/08_diagnostics.ipynb #08-diagnosti-052
+# %% ../nbs/08_diagnostics.ipynb #08-diagnosti-053
 NF_MARKER = (0, 0)
 
 class NFMarkerError(ValueError):
@@ -379,7 +380,7 @@ def nf_marker_problems(examples: Iterable[Mapping], # records to check
         except NFMarkerError as e: problems.append(str(e))
     return problems
 
-# %% ../nbs/08_diagnostics.ipynb #08-diagnosti-056
+# %% ../nbs/08_diagnostics.ipynb #08-diagnosti-057
 def _differences(a: Sequence[float], b: Sequence[float]) -> np.ndarray:
     "a - b for paired scores, checked."
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
@@ -436,16 +437,16 @@ def compare_paired(a: Sequence[float], # scores (e.g. per-item losses) of checkp
     "Paired bootstrap CI, paired t-test and Wilcoxon signed-rank test of `a - b`."
     d = _differences(a, b)
     mean, lo, hi = paired_bootstrap_ci(a, b, confidence, n_resamples, seed)
-    if np.ptp(d) == 0:   # every item differs by the same amount: no spread, no test statistic
-        same = float(d[0]) == 0
-        return PairedComparison(len(d), mean, (lo, hi), 0.0 if same else math.copysign(math.inf, d[0]), 1.0 if same else 0.0,
-                                (mean, mean), 0.0, 1.0 if same else 0.0, 0.0 if same else math.copysign(math.inf, d[0]), confidence)
-    t = stats.ttest_rel(a, b)
-    t_ci = t.confidence_interval(confidence)
+    if np.ptp(d) > 0:
+        t = stats.ttest_rel(a, b)
+        ci = t.confidence_interval(confidence)
+        t_stat, t_p, t_ci, dz = float(t.statistic), float(t.pvalue), (float(ci.low), float(ci.high)), float(mean / d.std(ddof=1))
+    else:   # every item differs by the same amount: no spread, so the t statistic is 0 or infinite
+        t_stat = dz = 0.0 if mean == 0 else math.copysign(math.inf, mean)
+        t_p, t_ci = (1.0 if mean == 0 else 0.0), (mean, mean)
     w = stats.wilcoxon(d) if (d != 0).any() else None
-    return PairedComparison(len(d), mean, (lo, hi), float(t.statistic), float(t.pvalue), (float(t_ci.low), float(t_ci.high)),
-                            float(w.statistic) if w else 0.0, float(w.pvalue) if w else 1.0, float(d.mean() / d.std(ddof=1)),
-                            confidence)
+    return PairedComparison(len(d), mean, (lo, hi), t_stat, t_p, t_ci, float(w.statistic) if w else 0.0,
+                            float(w.pvalue) if w else 1.0, dz, confidence)
 
 def paired_power(n: int, # number of paired items
                  effect: float, # true mean difference to detect
@@ -474,7 +475,7 @@ def paired_sample_size(effect: float, # smallest mean difference worth detecting
     while n > 2 and paired_power(n - 1, effect, sd, alpha) >= power: n -= 1
     return n
 
-# %% ../nbs/08_diagnostics.ipynb #08-diagnosti-065
+# %% ../nbs/08_diagnostics.ipynb #08-diagnosti-067
 @dataclass
 class ImageFingerprint:
     "A perceptual fingerprint: a 64-bit average hash for candidates and a small RGB thumbnail to confirm them."
@@ -521,7 +522,7 @@ def check_leakage(splits: dict[str, list[dict]], # split name -> records (as rea
                          f"(hash {nbits}/64 bits apart, mean pixel difference {diff:.2f})")
     return leaks
 
-# %% ../nbs/08_diagnostics.ipynb #08-diagnosti-072
+# %% ../nbs/08_diagnostics.ipynb #08-diagnosti-074
 def _graph_tensors(obj: Any, path: str = 'result') -> list[str]:
     "Where a result holds tensors that require grad (they keep the model's weights alive)."
     if isinstance(obj, torch.Tensor): return [path] if obj.requires_grad else []

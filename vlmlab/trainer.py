@@ -31,9 +31,10 @@ from .model import (ConfigError, VLMLabConfig, add_lora, apply_stage, assert_tra
 from .vision import ResizeSpec
 
 # %% auto #0
-__all__ = ['LOSS_TERMS', 'COMPLETE_MARKER', 'DataError', 'SampleDataset', 'PackDataset', 'TrainingCollator', 'prepare_data',
-           'NonFiniteError', 'checkpoint_complete', 'last_good_checkpoint', 'load_checkpoint_weights', 'group_norms',
-           'ConsoleProgressCallback', 'BBUTrainer', 'training_arguments', 'build_trainer', 'train_from_config']
+__all__ = ['LOSS_TERMS', 'COMPLETE_MARKER', 'WEIGHTS_NAME', 'DataError', 'SampleDataset', 'PackDataset', 'TrainingCollator',
+           'prepare_data', 'NonFiniteError', 'checkpoint_complete', 'last_good_checkpoint', 'load_checkpoint_weights',
+           'export_model', 'group_norms', 'ConsoleProgressCallback', 'BBUTrainer', 'training_arguments',
+           'build_trainer', 'train_from_config']
 
 # %% ../nbs/07_trainer.ipynb #07-trainer-005
 LOSS_TERMS = ('loss', 'lm_loss', 'teacher_lm_loss', 'student_lm_loss', 'detection_loss', 'bbox_l1', 'bbox_giou', 'objectness', 'caption')
@@ -145,24 +146,31 @@ def last_good_checkpoint(output_dir: str | Path) -> str | None:
         if checkpoint_complete(p): return str(p)
     return None
 
-def load_checkpoint_weights(model: VLMDetector, # the model to load into (same structure as when saved)
+WEIGHTS_NAME = 'vlmlab_model.safetensors'
+
+def load_checkpoint_weights(model: VLMDetector, # the model to load into (same structure as when saved: head, LoRA)
                             folder: str | Path, # a checkpoint folder written by BBUTrainer
                            ) -> None:
-    "Load a BBUTrainer checkpoint's VLM weights (safetensors, sharded or not) and head into `model`."
-    folder = Path(folder)
-    index = folder / 'model.safetensors.index.json'
-    files = sorted({folder / f for f in json.loads(index.read_text())['weight_map'].values()}) if index.exists() else [folder / 'model.safetensors']
-    if not all(f.exists() for f in files): raise FileNotFoundError(f"{folder}: no model.safetensors (is it a vlmlab checkpoint?)")
-    sd = {}
-    for f in files: sd.update(load_file(f))
-    missing, unexpected = model.vlm.load_state_dict(sd, strict=False)
-    tied = {k for k in missing if 'lm_head' in k and getattr(model.vlm.config.get_text_config(), 'tie_word_embeddings', False)}
-    if unexpected or set(missing) - tied:
-        raise RuntimeError(f"{folder}: checkpoint does not fit the model: missing {sorted(set(missing) - tied)[:5]}, unexpected {unexpected[:5]}")
-    head_file = folder / 'detection_head.safetensors'
+    "Load a BBUTrainer checkpoint (the module's own state dict, safetensors) into `model`, strictly."
+    from safetensors.torch import load_model as load_safetensors_model
+    f = Path(folder) / WEIGHTS_NAME
+    if not f.exists(): raise FileNotFoundError(f"{folder}: no {WEIGHTS_NAME} (not a vlmlab checkpoint)")
+    missing, unexpected = load_safetensors_model(model, str(f), strict=False)
+    missing = [k for k in missing if not k.startswith('criterion.')]   # the criterion shares the head's tensors
+    if missing or unexpected:
+        raise RuntimeError(f"{folder}: checkpoint does not fit the model (head / LoRA / family differ?): missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}")
+
+def export_model(model: VLMDetector, # a trained model
+                 folder: str | Path, # where to write it
+                ) -> Path:
+    "Save the VLM with save_pretrained (loadable with from_pretrained), the head beside it, tokenizer and image processor."
+    folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
+    model.vlm.save_pretrained(folder, safe_serialization=True)
     if model.head is not None:
-        if not head_file.exists(): raise FileNotFoundError(f"{folder}: the model has a detection head but the checkpoint has none")
-        model.head.load_state_dict(load_file(head_file))
+        save_file({k: v.detach().contiguous().cpu() for k, v in model.head.state_dict().items()}, str(folder / 'detection_head.safetensors'))
+    model.tokenizer.save_pretrained(folder); model.image_processor.save_pretrained(folder)
+    return folder
 
 def group_norms(model: torch.nn.Module, # the (unwrapped) model
                 grads: bool = True, # gradient norms (False: weight norms)
@@ -245,9 +253,18 @@ class BBUTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         "Every loss term of the batch; stops on a non-finite term with a diagnosis."
+        pv = inputs.get('pixel_values')
+        if pv is not None and not bool(torch.isfinite(pv).all()):   # before the forward pass: name the input
+            raise NonFiniteError(f"step {self.state.global_step + 1}: the batch's pixel_values hold {int((~torch.isfinite(pv)).sum())} "
+                                 f"non-finite values (bad input image or preprocessing) in samples {list(inputs.get('sample_ids', []))[:8]}; "
+                                 f"stopped before the forward pass. {self._where()}")
         targets = inputs.get('detection_targets')
         boxes = self._window_boxes if targets is not None and num_items_in_batch is not None else None
-        out = model(inputs, targets=targets, num_items_in_batch=num_items_in_batch, num_boxes=boxes)
+        try: out = model(inputs, targets=targets, num_items_in_batch=num_items_in_batch, num_boxes=boxes)
+        except NonFiniteError: raise
+        except FloatingPointError as e:
+            raise NonFiniteError(f"step {self.state.global_step + 1}: {e} in samples {list(inputs.get('sample_ids', []))[:8]}; the inputs "
+                                 f"were finite, so the forward pass overflowed. {self._where()}") from None
         terms = {k: out[k] for k in LOSS_TERMS if k in out and torch.is_tensor(out[k])}
         vals = torch.stack([v.detach().float().reshape(()) for v in terms.values()])
         if not bool(torch.isfinite(vals).all()): raise NonFiniteError(self._diagnose_loss(terms, inputs))
@@ -348,14 +365,13 @@ class BBUTrainer(Trainer):
 
     # ---- checkpoints
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        "Save the VLM with save_pretrained, the head as detection_head.safetensors, tokenizer and image processor."
+        "Save the module's own state dict (safetensors), the model config, tokenizer and image processor."
+        from safetensors.torch import save_model as save_safetensors_model
         out = Path(output_dir or self.args.output_dir); out.mkdir(parents=True, exist_ok=True)
         m = self.accelerator.unwrap_model(self.model)
-        sd = state_dict if state_dict is not None else m.state_dict()
-        m.vlm.save_pretrained(out, state_dict={k[4:]: v for k, v in sd.items() if k.startswith('vlm.')}, safe_serialization=True)
-        if m.head is not None:
-            save_file({k[5:]: v.detach().contiguous().cpu() for k, v in sd.items() if k.startswith('head.')}, str(out / 'detection_head.safetensors'))
-        m.tokenizer.save_pretrained(out); m.image_processor.save_pretrained(out)
+        if state_dict is None: save_safetensors_model(m, str(out / WEIGHTS_NAME))   # tied / shared tensors stored once
+        else: save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items() if not k.startswith('criterion.')}, str(out / WEIGHTS_NAME))
+        m.vlm.config.save_pretrained(out); m.tokenizer.save_pretrained(out); m.image_processor.save_pretrained(out)
         torch.save(self.args, out / 'training_args.bin')
 
     def _save_checkpoint(self, model, trial) -> None:
@@ -428,7 +444,7 @@ def train_from_config(cfg: VLMLabConfig, # the run's config
     ckpt = (last_good_checkpoint(out) if resume is True else resume) or None
     if resume is True and ckpt is None and trainer.args.process_index == 0: print(f"no complete checkpoint in {out}: starting at step 0")
     result = trainer.train(resume_from_checkpoint=ckpt)
-    trainer.save_model(str(out / 'final'))
+    if trainer.args.process_index == 0: export_model(trainer.accelerator.unwrap_model(trainer.model), out / 'final')
     metrics = {'train': result.metrics, 'resumed_from': ckpt, 'log_history': trainer.state.log_history, 'config': cfg.to_dict(),
                'final_model': str(out / 'final'), 'tensorboard': str(out / 'tensorboard')}
     if isinstance(trainer.train_dataset, PackDataset): metrics['packing'] = trainer.train_dataset.stats

@@ -1,0 +1,231 @@
+"""BBUTrainer: loss split, exact gradient accumulation, packed = padded, fail-fast, resume after SIGKILL, two processes."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import TrainerCallback
+
+from vlmlab.data import convert, make_shapes
+from vlmlab.model import TrainableSetError, VLMLabConfig
+from vlmlab.tiny import tiny_kit
+from vlmlab.trainer import (BBUTrainer, NonFiniteError, TrainingCollator, build_trainer, checkpoint_complete, last_good_checkpoint)
+from vlmlab.detection import lm_loss_terms
+from vlmlab.vision import ResizeSpec
+
+TERMS = ('loss', 'lm_loss', 'teacher_lm_loss', 'student_lm_loss', 'detection_loss', 'bbox_l1', 'bbox_giou', 'objectness', 'caption')
+
+
+@pytest.fixture(scope='module')
+def ds(tmp_path_factory):
+    work = tmp_path_factory.mktemp('shapes')
+    make_shapes(work / 'raw', n=16, seed=3, old_format=0, size_range=(112, 200), max_objects=3)
+    convert(work / 'raw', work / 'ds', ResizeSpec.from_pretrained(tiny_kit('qwen2_5_vl')), progress=False)
+    return work / 'ds'
+
+
+def config(ds, out, **training):
+    t = {'output_dir': str(out), 'max_steps': 2, 'per_device_batch_size': 4, 'logging_steps': 1, 'save_steps': 1000,
+         'warmup_ratio': 0.0, **training}
+    return VLMLabConfig.from_dict({
+        'model': {'name_or_path': 'tiny-kit/qwen2_5_vl', 'detection_head': True, 'head_d_model': 32, 'num_queries': 4},
+        'data': {'ds_output': str(ds), 'target': 'grounding', 'teacher_ratio': 0.5},
+        'stage': {'name': 'stage2', 'lrs': {'merger': 1e-3, 'llm': 1e-3, 'adapter': 1e-3, 'head': 1e-3}}, 'training': t})
+
+
+class FirstGrads(TrainerCallback):
+    "Copies the gradients the optimizer sees at its first step."
+    grads = None
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
+        if self.grads is None:
+            self.grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_loss_split_sums_and_matches_the_models_own_loss(ds, tmp_path):
+    tr = build_trainer(config(ds, tmp_path), progress=False)
+    m = tr.model
+    samples = [tr.train_dataset[i] for i in range(4)]
+    assert any(s.spans['teacher'] for s in samples) and all(s.spans['student'] for s in samples)
+    batch = TrainingCollator(m.tokenizer)(samples)
+    from vlmlab.collators import model_inputs
+    out = m.vlm(**model_inputs(batch))   # the model's own loss (labels included)
+    t = lm_loss_terms(out.logits, batch['labels'], batch['label_kind'])
+    t = {k: float(v.detach()) for k, v in t.items()}
+    assert abs(t['teacher_lm_loss'] + t['student_lm_loss'] - t['lm_loss']) < 1e-6
+    assert abs(t['lm_loss'] - float(out.loss.detach())) < 1e-5
+
+
+def test_gradient_accumulation_is_exact(ds, tmp_path):
+    grads = {}
+    for name, bs, ga in (('ga1', 4, 1), ('ga4', 1, 4)):
+        cap = FirstGrads()
+        tr = build_trainer(config(ds, tmp_path / name, max_steps=1, per_device_batch_size=bs, gradient_accumulation_steps=ga,
+                                  max_grad_norm=0.0), progress=False, callbacks=[cap])
+        tr.train()
+        grads[name] = cap.grads
+    assert grads['ga1'].keys() == grads['ga4'].keys() and len(grads['ga1']) > 50
+    total = sum(float(g.norm()) ** 2 for g in grads['ga1'].values()) ** 0.5
+    worst = max((float((g - grads['ga4'][n]).norm()) / max(float(g.norm()), 1e-3 * total), n) for n, g in grads['ga1'].items())
+    print('GA=1x4 vs GA=4x1, worst relative gradient difference:', worst)
+    # relative to each parameter's gradient, floored at 1e-3 of the total (a key bias under softmax has a zero gradient in
+    # exact arithmetic, so its float value is rounding noise)
+    assert worst[0] < 1e-4, worst
+
+
+def test_packed_step_equals_padded_step(ds, tmp_path):
+    tr = build_trainer(config(ds, tmp_path), progress=False)
+    m = tr.model
+    tr.create_optimizer()
+    samples = [tr.train_dataset[i] for i in range(4)]
+    res = {}
+    for kind, batch in (('padded', TrainingCollator(m.tokenizer, detection=True)(samples)),
+                        ('packed', TrainingCollator(m.tokenizer, packed=True, spatial_merge_size=m.image_processor.merge_size,
+                                                    detection=True)([samples]))):
+        n_items = int((batch['labels'][..., 1:] != -100).sum())
+        tr._window_boxes = torch.tensor(float(sum(len(t['boxes']) for t in batch['detection_targets'])))
+        m.zero_grad(set_to_none=True)
+        loss = tr.training_step(m, batch, torch.tensor(n_items))
+        res[kind] = (float(loss), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+    assert 'cu_seqlens' not in TrainingCollator(m.tokenizer)(samples)
+    assert abs(res['packed'][0] - res['padded'][0]) < 1e-5 * abs(res['padded'][0])
+    pad, pack = res['padded'][1], res['packed'][1]
+    assert pad.keys() == pack.keys()
+    total = sum(float(g.norm()) ** 2 for g in pad.values()) ** 0.5
+    worst = max((float((g - pack[n]).norm()) / max(float(g.norm()), 1e-3 * total), n) for n, g in pad.items())
+    print('packed vs padded, worst relative gradient difference:', worst)
+    assert worst[0] < 1e-4, worst
+
+
+def test_a_parameter_left_trainable_stops_the_first_step(ds, tmp_path):
+    cfg = config(ds, tmp_path, max_steps=1)
+    cfg.stage.lrs['vision'] = 1e-5   # so that the optimizer takes the stray parameter and only the guard can catch it
+    tr = build_trainer(cfg, progress=False)
+    tr.model.vlm.model.visual.blocks[0].attn.qkv.weight.requires_grad_(True)
+    with pytest.raises(TrainableSetError, match=r'visual\.blocks\.0\.attn\.qkv\.weight \(vision\) should be frozen'):
+        tr.train()
+
+
+def test_nan_input_stops_with_diagnosis_and_keeps_the_checkpoint(ds, tmp_path):
+    class PoisonAtStep3(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step == 2: tr._poison = True
+    tr = build_trainer(config(ds, tmp_path, max_steps=4, save_steps=2), progress=False, callbacks=[PoisonAtStep3()])
+    tr._poison = False
+    orig = tr.compute_loss
+    def poisoned(model, inputs, *a, **k):
+        if tr._poison: inputs['pixel_values'][0, 0] = float('nan')
+        return orig(model, inputs, *a, **k)
+    tr.compute_loss = poisoned
+    with pytest.raises(NonFiniteError) as e:
+        tr.train()
+    msg = str(e.value)
+    assert 'step 3' in msg and 'pixel_values hold 1 non-finite' in msg and 'last good step 2' in msg, msg
+    ck = tmp_path / 'checkpoint-2'
+    assert f'last good checkpoint: {ck}' in msg and checkpoint_complete(ck) and last_good_checkpoint(tmp_path) == str(ck)
+
+
+def test_nan_gradient_names_the_group(ds, tmp_path):
+    tr = build_trainer(config(ds, tmp_path, max_steps=2), progress=False)
+    tr.model.head.obj_head.weight.register_hook(lambda g: g * float('inf'))
+    with pytest.raises(NonFiniteError, match=r"non-finite gradient norm in group\(s\) \{'head'") as e:
+        tr.train()
+    assert 'head.obj_head.weight' in str(e.value)
+
+
+def test_fp16_warns(ds, tmp_path):
+    tr = build_trainer(config(ds, tmp_path), progress=False)
+    tr.args.fp16 = True   # as a GPU config would set it
+    with pytest.warns(UserWarning, match='fp16 on Qwen-VL models overflows'):
+        BBUTrainer(tr.model, tr.args, 'stage2', tr.lrs, train_dataset=tr.train_dataset, data_collator=tr.data_collator)
+
+
+def test_incomplete_checkpoint_is_never_last(tmp_path):
+    (tmp_path / 'checkpoint-4').mkdir()
+    (tmp_path / 'checkpoint-4' / 'model.safetensors').write_bytes(b'x' * 10)
+    assert last_good_checkpoint(tmp_path) is None
+    good = tmp_path / 'checkpoint-2'; good.mkdir(); (good / 'model.safetensors').write_bytes(b'y' * 5)
+    from vlmlab.trainer import _write_marker
+    _write_marker(good, 2)
+    assert last_good_checkpoint(tmp_path) == str(good)
+    _write_marker(tmp_path / 'checkpoint-4', 4)
+    (tmp_path / 'checkpoint-4' / 'model.safetensors').write_bytes(b'x' * 3)   # truncated after the marker
+    assert last_good_checkpoint(tmp_path) == str(good)
+
+
+def _write_cfg(path, ds, out, **training):
+    cfg = config(ds, out, **training).to_dict()
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _losses(out, keys=TERMS):
+    hist = json.loads((Path(out) / 'metrics.json').read_text())['log_history']
+    return {h['step']: [h[k] for k in keys] for h in hist if 'lm_loss' in h}
+
+
+def _env():
+    return {**os.environ, 'OMP_NUM_THREADS': '1'}
+
+
+def test_resume_after_sigkill_reproduces_the_trajectory(ds, tmp_path, vlmlab_bin):
+    full = _write_cfg(tmp_path / 'full.yaml', ds, tmp_path / 'full', max_steps=8, save_steps=2, per_device_batch_size=2)
+    subprocess.run([vlmlab_bin, 'train', '--config', str(full), '--quiet'], check=True, env=_env(), capture_output=True)
+    cut = _write_cfg(tmp_path / 'cut.yaml', ds, tmp_path / 'cut', max_steps=8, save_steps=2, per_device_batch_size=2)
+    p = subprocess.Popen([vlmlab_bin, 'train', '--config', str(cut), '--quiet'], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and not checkpoint_complete(tmp_path / 'cut' / 'checkpoint-4'):
+        assert p.poll() is None, 'the run ended before it could be killed'
+        time.sleep(0.05)
+    os.kill(p.pid, signal.SIGKILL); p.wait()
+    last = last_good_checkpoint(tmp_path / 'cut')
+    assert last is not None and int(last.rsplit('-', 1)[1]) in (4, 6)
+    r = subprocess.run([vlmlab_bin, 'train', '--config', str(cut), '--resume', '--quiet'], env=_env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((tmp_path / 'cut' / 'metrics.json').read_text())['resumed_from'] == last
+    a, b = _losses(tmp_path / 'full'), _losses(tmp_path / 'cut')
+    resumed = [s for s in b if s > int(last.rsplit('-', 1)[1])]
+    assert resumed == [s for s in a if s > int(last.rsplit('-', 1)[1])] and len(resumed) >= 2
+    for s in resumed:
+        for k, x, y in zip(TERMS, a[s], b[s]): assert abs(x - y) <= 1e-5 * max(1.0, abs(x)), (s, k, x, y)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_log_the_same_terms_as_one(ds, tmp_path, vlmlab_bin):
+    one = _write_cfg(tmp_path / 'one.yaml', ds, tmp_path / 'one', max_steps=3, per_device_batch_size=4)
+    subprocess.run([vlmlab_bin, 'train', '--config', str(one), '--quiet'], check=True, env=_env(), capture_output=True)
+    two = _write_cfg(tmp_path / 'two.yaml', ds, tmp_path / 'two', max_steps=3, per_device_batch_size=2)
+    torchrun = str(Path(sys.executable).parent / 'torchrun')
+    r = subprocess.run([torchrun, '--nproc_per_node', '2', '--master_port', str(_free_port()), vlmlab_bin, 'train', '--config', str(two), '--quiet'],
+                       env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = _losses(tmp_path / 'one', TERMS + ('data/samples',)), _losses(tmp_path / 'two', TERMS + ('data/samples',))
+    assert list(a) == list(b) == [1, 2, 3]
+    for s in a:   # same global batch of 4: every logged term equal to 1e-4 (relative), sample counters equal
+        for k, x, y in zip(TERMS + ('data/samples',), a[s], b[s]): assert abs(x - y) <= 1e-4 * max(1.0, abs(x)), (s, k, x, y)
+
+
+def test_cli_train_refuses_bad_setups_before_step_0(ds, tmp_path, vlmlab_bin):
+    r = subprocess.run([vlmlab_bin, 'train'], capture_output=True, text=True)
+    assert r.returncode == 2 and '--config is required' in r.stderr
+    bad = tmp_path / 'bad.yaml'; bad.write_text('training: {epoch: 2}\n')
+    r = subprocess.run([vlmlab_bin, 'train', '--config', str(bad)], capture_output=True, text=True)
+    assert r.returncode == 2 and "training.epoch: unknown key (did you mean 'epochs'?)" in r.stderr
+    blocker = tmp_path / 'a_file'; blocker.write_text('x')   # an output folder that cannot exist (works as root too)
+    cfg = _write_cfg(tmp_path / 'blocked.yaml', ds, blocker / 'run')
+    r = subprocess.run([vlmlab_bin, 'train', '--config', str(cfg)], capture_output=True, text=True)
+    assert r.returncode == 2 and f'output directory {blocker / "run"}: cannot create it' in r.stderr, r.stderr
+    missing = _write_cfg(tmp_path / 'missing.yaml', tmp_path / 'nowhere', tmp_path / 'out')
+    r = subprocess.run([vlmlab_bin, 'train', '--config', str(missing)], capture_output=True, text=True)
+    assert r.returncode == 2 and 'no {split}.jsonl files' in r.stderr and not (tmp_path / 'out' / 'checkpoint-1').exists(), r.stderr
