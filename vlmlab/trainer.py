@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from .chat import ChatError, ChatProcessor, ChatStats
 from .collators import PackedDataCollator, StandardDataCollator, packing_stats, plan_packs
@@ -207,6 +207,20 @@ class _EpochCallback(TrainerCallback):
     def on_epoch_begin(self, args, state, control, **kwargs):
         if self.trainer.processor is not None: self.trainer.processor.stats = ChatStats()
 
+class _StepRatioCallback(TrainerCallback):
+    "After a logging step's optimizer step, the applied update |W_after - W_before| / |W_before| per group."
+    def __init__(self, trainer): self.trainer = trainer
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        t = self.trainer
+        if not t._snapshot: return
+        m = t.accelerator.unwrap_model(t.model)
+        for g, params in group_parameters(m).items():
+            if g not in t._snapshot: continue
+            now = [p.detach() for _, p in params if p.requires_grad]
+            delta = torch.nn.utils.get_total_norm([a - b for a, b in zip(now, t._snapshot[g])])
+            t._norm_logs[f'step_ratio/{g}'] = float(delta) / max(float(torch.nn.utils.get_total_norm(t._snapshot[g])), 1e-12)
+        t._snapshot = None
+
 class BBUTrainer(Trainer):
     "A transformers Trainer for Qwen-VL models: split LM loss, detection terms, exact accumulation, diagnostics, fail-fast."
     def __init__(self, model: VLMDetector, # the model (with or without a detection head) with its stage applied
@@ -227,9 +241,12 @@ class BBUTrainer(Trainer):
         self._acc, self._acc_keys, self._tokens, self._tokens_total = None, [], 0.0, 0.0
         self._steps_in_window, self._window_start, self._norm_logs = 0, None, {}
         self._window_boxes, self._trainable_checked, self._pre_step_done, self.last_good_step = None, False, -1, 0
+        self._snapshot = None
+        self.add_callback(_StepRatioCallback(self))
         if self.processor is not None: self.add_callback(_EpochCallback(self))
         if any(isinstance(c, ProgressCallback) for c in self.callback_handler.callbacks):
             self.callback_handler.remove_callback(ProgressCallback); self.add_callback(ConsoleProgressCallback)
+        self.callback_handler.remove_callback(PrinterCallback)   # without a progress bar (quiet), logs go to TensorBoard and metrics only
 
     # ---- optimizer: one group per module (x decay / no decay), each with its learning rate
     def create_optimizer(self, model=None):
@@ -300,6 +317,9 @@ class BBUTrainer(Trainer):
                 gn, wn = float(n), float(weights[g])
                 self._norm_logs.update({f'grad_norm/{g}': gn, f'weight_norm/{g}': wn,
                                         f'update_ratio/{g}': lrs.get(g, 0.0) * gn / max(wn, 1e-12), f'lr/{g}': lrs.get(g, 0.0)})
+            # the step AdamW actually applies differs from lr*|grad| (it divides by the gradient's running RMS): measure it too,
+            # at the cost of one copy of the trainable weights on logging steps
+            self._snapshot = {g: [p.detach().clone() for _, p in ps if p.requires_grad] for g, ps in group_parameters(m).items() if g in norms}
         self._steps_in_window += 1
         self.last_good_step = self.state.global_step + 1
 
