@@ -68,6 +68,7 @@ bench: $(VENV)/.runtime
 	$(PIP) install $(PIP_C) trl==1.16.0
 	$(BIN)/python benchmarks/bench_convert.py
 	$(BIN)/python benchmarks/bench_packing.py
+	$(BIN)/python benchmarks/bench_trainer.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info _proc _docs

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
+from accelerate.utils import DistributedType
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -172,6 +173,12 @@ def export_model(model: VLMDetector, # a trained model
     model.tokenizer.save_pretrained(folder); model.image_processor.save_pretrained(folder)
     return folder
 
+def _total_norm(tensors: list) -> torch.Tensor | None:
+    "L2 norm of a list of tensors (DTensors gathered), None for an empty list."
+    if not tensors: return None
+    n = torch.nn.utils.get_total_norm(tensors)
+    return n.full_tensor() if hasattr(n, 'full_tensor') else n
+
 def group_norms(model: torch.nn.Module, # the (unwrapped) model
                 grads: bool = True, # gradient norms (False: weight norms)
                ) -> dict[str, torch.Tensor]:
@@ -213,10 +220,9 @@ class _StepRatioCallback(TrainerCallback):
     def on_optimizer_step(self, args, state, control, **kwargs):
         t = self.trainer
         if not t._snapshot: return
-        m = t.accelerator.unwrap_model(t.model)
-        for g, params in group_parameters(m).items():
+        for g, params in t._trainable.items():
             if g not in t._snapshot: continue
-            now = [p.detach() for _, p in params if p.requires_grad]
+            now = [p.detach() for p in params]
             delta = torch.nn.utils.get_total_norm([a - b for a, b in zip(now, t._snapshot[g])])
             t._norm_logs[f'step_ratio/{g}'] = float(delta) / max(float(torch.nn.utils.get_total_norm(t._snapshot[g])), 1e-12)
         t._snapshot = None
@@ -240,7 +246,7 @@ class BBUTrainer(Trainer):
         self.lrs = lrs or {g: args.learning_rate for g in ('vision', 'merger', 'llm', 'adapter', 'head')}
         self._acc, self._acc_keys, self._tokens, self._tokens_total = None, [], 0.0, 0.0
         self._steps_in_window, self._window_start, self._norm_logs = 0, None, {}
-        self._window_boxes, self._trainable_checked, self._pre_step_done, self.last_good_step = None, False, -1, 0
+        self._window_boxes, self._trainable_checked, self._pre_step_done, self.last_good_step, self._trainable = None, False, -1, 0, {}
         self._snapshot = None
         self.add_callback(_StepRatioCallback(self))
         if self.processor is not None: self.add_callback(_EpochCallback(self))
@@ -255,8 +261,8 @@ class BBUTrainer(Trainer):
             from vlmlab.model import optimizer_groups
             m = self.accelerator.unwrap_model(model if model is not None else self.model)
             groups = [{k: v for k, v in g.items() if k != 'param_names'} for g in optimizer_groups(m, self.lrs, self.args.weight_decay)]
-            self.optimizer = torch.optim.AdamW(groups, lr=self.args.learning_rate, betas=(self.args.adam_beta1, self.args.adam_beta2),
-                                               eps=self.args.adam_epsilon)
+            cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, m)   # the optimizer `args.optim` names (fused AdamW by default)
+            self.optimizer = cls(groups, **kwargs)
         return self.optimizer
 
     # ---- the loss
@@ -271,7 +277,7 @@ class BBUTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         "Every loss term of the batch; stops on a non-finite term with a diagnosis."
         pv = inputs.get('pixel_values')
-        if pv is not None and not bool(torch.isfinite(pv).all()):   # before the forward pass: name the input
+        if pv is not None and not bool(torch.isfinite(pv.sum())):   # before the forward pass: name the input (a sum is one cheap pass)
             raise NonFiniteError(f"step {self.state.global_step + 1}: the batch's pixel_values hold {int((~torch.isfinite(pv)).sum())} "
                                  f"non-finite values (bad input image or preprocessing) in samples {list(inputs.get('sample_ids', []))[:8]}; "
                                  f"stopped before the forward pass. {self._where()}")
@@ -301,17 +307,20 @@ class BBUTrainer(Trainer):
         s, every = self.state.global_step + 1, self.state.logging_steps or self.args.logging_steps
         return (self.args.logging_first_step and s == 1) or (every > 0 and s % int(every) == 0)
 
-    def _before_optimizer_step(self, model) -> None:
-        if self._pre_step_done == self.state.global_step: return
+    def _before_optimizer_step(self, model) -> dict[str, torch.Tensor] | None:
+        "Trainable-set check (first step), per-group gradient norms, NaN / inf stop, diagnostics on logging steps."
+        if self._pre_step_done == self.state.global_step: return None
         self._pre_step_done = self.state.global_step
         m = self.accelerator.unwrap_model(model)
         if not self._trainable_checked:
             assert_trainable_set(m, self.stage); self._trainable_checked = True
-        norms = group_norms(m)
+            self._trainable = {g: [p for _, p in ps if p.requires_grad] for g, ps in group_parameters(m).items()}
+            self._trainable = {g: ps for g, ps in self._trainable.items() if ps}
+        norms = {g: n for g, ps in self._trainable.items() if (n := _total_norm([p.grad for p in ps if p.grad is not None])) is not None}
         if norms and not bool(torch.isfinite(torch.stack([n.float() for n in norms.values()])).all()):
             raise NonFiniteError(self._diagnose_grads(m, norms))
         if self._is_log_step():
-            weights, lrs = group_norms(m, grads=False), {}
+            weights, lrs = {g: _total_norm([p.detach() for p in ps]) for g, ps in self._trainable.items()}, {}
             for pg in self.optimizer.param_groups: lrs.setdefault(pg.get('group'), pg['lr'])
             for g, n in norms.items():
                 gn, wn = float(n), float(weights[g])
@@ -319,12 +328,18 @@ class BBUTrainer(Trainer):
                                         f'update_ratio/{g}': lrs.get(g, 0.0) * gn / max(wn, 1e-12), f'lr/{g}': lrs.get(g, 0.0)})
             # the step AdamW actually applies differs from lr*|grad| (it divides by the gradient's running RMS): measure it too,
             # at the cost of one copy of the trainable weights on logging steps
-            self._snapshot = {g: [p.detach().clone() for _, p in ps if p.requires_grad] for g, ps in group_parameters(m).items() if g in norms}
+            self._snapshot = {g: [p.detach().clone() for p in ps] for g, ps in self._trainable.items() if g in norms}
         self._steps_in_window += 1
         self.last_good_step = self.state.global_step + 1
+        return norms
 
     def _clip_grad_norm(self, model):
-        self._before_optimizer_step(model)
+        norms = self._before_optimizer_step(model)
+        plain = self.accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
+        if norms and plain and self.accelerator.scaler is None:   # clip with the norms just taken: one pass over the gradients, not two
+            total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms.values()]))
+            torch.nn.utils.clip_grads_with_norm_([p for p in model.parameters() if p.grad is not None], self.args.max_grad_norm, total)
+            return total
         return super()._clip_grad_norm(model)
 
     def _get_grad_norm(self, model, grad_norm=None):
