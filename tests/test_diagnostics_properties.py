@@ -215,3 +215,24 @@ def test_evaluate_checkpoints_frees_each_model_and_refuses_leaks():
     with pytest.raises(RuntimeError, match=r"result\[0\]"):
         evaluate_checkpoints(['3'], lambda m: [m(torch.ones(1, 4)).sum()], load)
     gc.collect()
+
+
+def test_connector_ablation_hooks_change_the_visual_tokens_and_an_untrained_model_does_not_pass(tmp_path):
+    import contextlib, io
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+    from vlmlab.chat import ChatProcessor
+    from vlmlab.data import convert, make_shapes, read_jsonl
+    from vlmlab.diagnostics import connector_ablation
+    from vlmlab.tiny import tiny_kit
+    from vlmlab.vision import ResizeSpec
+    with contextlib.redirect_stdout(io.StringIO()):
+        make_shapes(tmp_path / 'raw', n=8, seed=1, old_format=0, size_range=(112, 200), max_objects=2)
+        convert(tmp_path / 'raw', tmp_path / 'ds', ResizeSpec.from_pretrained(tiny_kit('qwen2_5_vl')), progress=False)
+    tok, ip = AutoTokenizer.from_pretrained(tiny_kit('qwen2_5_vl')), AutoImageProcessor.from_pretrained(tiny_kit('qwen2_5_vl'))
+    items = [ChatProcessor(tok, ip, 'qwen2_5_vl', tmp_path / 'ds', target='caption')(r) for _, r, _ in read_jsonl(tmp_path / 'ds' / 'train.jsonl')]
+    vlm = AutoModelForImageTextToText.from_pretrained(tiny_kit('qwen2_5_vl'))
+    res = connector_ablation(vlm, items, tok.pad_token_id, batch_size=4, progress=False)
+    assert len(res.losses['correct']) == 8 and set(res.deltas) == {'shuffled', 'zero', 'noise'}
+    assert any(abs(a - b) > 1e-6 for a, b in zip(res.losses['zero'], res.losses['correct']))   # the hook reaches the LLM
+    assert not res.passed
+    assert not vlm.model.visual._forward_hooks   # hooks removed

@@ -24,12 +24,13 @@ from .vision import load_image
 
 # %% auto #0
 __all__ = ['FROZEN_BELOW', 'GOLDILOCKS', 'UNSTABLE_ABOVE', 'UPDATE_RATIO_CAUSES', 'EXPLODING_ABOVE', 'GRAD_NORM_CAUSES',
-           'NF_MARKER', 'Verdict', 'verdict_table', 'metric_series', 'update_ratio_class', 'update_ratio_verdicts',
-           'optimizer_lrs', 'weight_snapshot', 'group_norms', 'grad_norm_verdicts', 'CurveThresholds', 'loss_series',
-           'diagnose_loss_curve', 'span_iou', 'token_span_to_chars', 'highlight_span', 'NFMarkerError',
-           'check_nf_marker', 'nf_marker_problems', 'paired_bootstrap_ci', 'PairedComparison', 'compare_paired',
-           'paired_power', 'paired_sample_size', 'ImageFingerprint', 'image_fingerprint', 'find_near_duplicates',
-           'check_leakage', 'evaluate_checkpoints']
+           'NF_MARKER', 'ABLATIONS', 'Verdict', 'verdict_table', 'metric_series', 'update_ratio_class',
+           'update_ratio_verdicts', 'optimizer_lrs', 'weight_snapshot', 'group_norms', 'grad_norm_verdicts',
+           'CurveThresholds', 'loss_series', 'diagnose_loss_curve', 'span_iou', 'token_span_to_chars', 'highlight_span',
+           'NFMarkerError', 'check_nf_marker', 'nf_marker_problems', 'paired_bootstrap_ci', 'PairedComparison',
+           'compare_paired', 'paired_power', 'paired_sample_size', 'ImageFingerprint', 'image_fingerprint',
+           'find_near_duplicates', 'check_leakage', 'evaluate_checkpoints', 'AblationResult', 'item_losses',
+           'connector_ablation']
 
 # %% ../nbs/08_diagnostics.ipynb #08-diagnosti-008
 @dataclass
@@ -554,3 +555,86 @@ def evaluate_checkpoints(paths: Sequence[str | Path], # checkpoints, evaluated i
                                "or a global); the next checkpoint would load on top of it")
         results[str(path)] = result
     return results
+
+# %% ../nbs/08_diagnostics.ipynb #08-diagnosti-084
+ABLATIONS = ('shuffled', 'zero', 'noise')
+
+@dataclass
+class AblationResult:
+    "Per-item teacher-forced losses under each condition, the paired deltas and the verdict."
+    losses: dict[str, list[float]]              # condition -> per-item mean token loss
+    deltas: dict[str, tuple[float, float, float]]   # ablation -> (mean of ablated - correct, CI low, CI high)
+    passed: bool                                # correct below every ablation, every interval above 0
+    note: str = ''                              # caveats (e.g. Qwen3-VL deepstack)
+
+    def __str__(self):
+        rows = [f"{'PASS' if self.passed else 'FAIL'}: correct image loss {np.mean(self.losses['correct']):.4f} on {len(self.losses['correct'])} items"]
+        for k, (m, lo, hi) in self.deltas.items():
+            rows.append(f"  {k:8} loss {np.mean(self.losses[k]):.4f}  delta {m:+.4f}  95% CI [{lo:+.4f}, {hi:+.4f}]{'' if lo > 0 else '  <- not above 0'}")
+        return '\n'.join(rows + ([f"  note: {self.note}"] if self.note else []))
+
+def _resize_tokens(x: torch.Tensor, src_grid, dst_grid, merge: int) -> torch.Tensor:
+    "Merged visual tokens of one image, resized from its grid to another's (bilinear over the token grid)."
+    (t, h, w), (t2, h2, w2) = [int(v) for v in src_grid], [int(v) for v in dst_grid]
+    x = x.reshape(t, h // merge, w // merge, -1).permute(0, 3, 1, 2)
+    x = torch.nn.functional.interpolate(x, size=(h2 // merge, w2 // merge), mode='bilinear', align_corners=False)
+    return x[:1].expand(t2, -1, -1, -1).permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+
+def _visual_hook(mode: str, merge: int, gen: torch.Generator):
+    def hook(module, args, kwargs, out):
+        emb, grid = out.pooler_output, kwargs.get('grid_thw', args[1] if len(args) > 1 else None)
+        if mode == 'zero': new = torch.zeros_like(emb)
+        elif mode == 'noise':
+            mu, sd = emb.mean(0, keepdim=True), emb.std(0, keepdim=True)
+            new = mu + sd * torch.randn(emb.shape, generator=gen, dtype=emb.dtype).to(emb.device)
+        else:   # shuffled: image i gets image (i + 1) mod n, resized to i's grid
+            sizes = (grid.prod(-1) // merge ** 2).tolist()
+            parts = torch.split(emb, sizes)
+            n = len(parts)
+            if n < 2: raise ValueError("a shuffled-image ablation needs batches of at least 2 images")
+            new = torch.cat([_resize_tokens(parts[(i + 1) % n], grid[(i + 1) % n], grid[i], merge) for i in range(n)])
+        out.pooler_output = new.to(emb.dtype)
+        return out
+    return hook
+
+@torch.no_grad()
+def item_losses(vlm, # a transformers Qwen-VL model
+                batch: dict, # a padded batch (StandardDataCollator) with labels
+               ) -> list[float]:
+    "Teacher-forced mean token loss of every row of a batch."
+    from vlmlab.collators import model_inputs
+    out = vlm(**{k: v for k, v in model_inputs(batch).items() if k != 'labels'})
+    lab = batch['labels'][:, 1:].to(out.logits.device)
+    ce = torch.nn.functional.cross_entropy(out.logits[:, :-1].float().flatten(0, 1), lab.flatten(), ignore_index=-100,
+                                           reduction='none').view(lab.shape)
+    return (ce.sum(1) / (lab != -100).sum(1).clamp(min=1)).tolist()
+
+def connector_ablation(vlm, # a transformers Qwen-VL model (or a VLMDetector: its .vlm is used)
+                       samples: Sequence, # held-out processed samples (one image each), 64-256 in the runbook
+                       pad_token_id: int, # the tokenizer's pad id
+                       batch_size: int = 8, # items per forward pass (>= 2: the shuffle draws from the batch)
+                       seed: int = 0, # noise and bootstrap seed
+                       progress: bool = True, # progress bar
+                      ) -> AblationResult:
+    "Loss with the correct image vs a shuffled image, zeroed visual tokens and matched noise, with paired intervals."
+    from tqdm.auto import tqdm
+    from vlmlab.collators import StandardDataCollator
+    vlm = getattr(vlm, 'vlm', vlm)
+    was_training = vlm.training; vlm.eval()
+    visual, merge = vlm.model.visual, vlm.model.visual.spatial_merge_size
+    col, gen = StandardDataCollator(pad_token_id), torch.Generator().manual_seed(seed)
+    losses = {k: [] for k in ('correct',) + ABLATIONS}
+    try:
+        for i in tqdm(range(0, len(samples), batch_size), desc='connector ablation', disable=not progress):
+            batch = col(list(samples[i:i + batch_size]))
+            batch = {k: v.to(vlm.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            losses['correct'] += item_losses(vlm, batch)
+            for mode in ABLATIONS:
+                h = visual.register_forward_hook(_visual_hook(mode, merge, gen), with_kwargs=True)
+                try: losses[mode] += item_losses(vlm, batch)
+                finally: h.remove()
+    finally:
+        vlm.train(was_training)
+    deltas = {k: paired_bootstrap_ci(losses[k], losses['correct'], seed=seed) for k in ABLATIONS}
+    note = 'Qwen3-VL deepstack features are not ablated (partial ablation)' if hasattr(visual, 'deepstack_merger_list') else ''
+    return AblationResult(losses, deltas, all(lo > 0 for _, lo, _ in deltas.values()), note)
