@@ -34,8 +34,8 @@ from .vision import ResizeSpec
 # %% auto #0
 __all__ = ['LOSS_TERMS', 'COMPLETE_MARKER', 'WEIGHTS_NAME', 'DataError', 'SampleDataset', 'PackDataset', 'TrainingCollator',
            'prepare_data', 'NonFiniteError', 'checkpoint_complete', 'last_good_checkpoint', 'load_checkpoint_weights',
-           'export_model', 'group_norms', 'ConsoleProgressCallback', 'BBUTrainer', 'training_arguments',
-           'build_trainer', 'train_from_config']
+           'export_model', 'ConsoleProgressCallback', 'BBUTrainer', 'training_arguments', 'build_trainer',
+           'train_from_config']
 
 # %% ../nbs/07_trainer.ipynb #07-trainer-005
 LOSS_TERMS = ('loss', 'lm_loss', 'teacher_lm_loss', 'student_lm_loss', 'detection_loss', 'bbox_l1', 'bbox_giou', 'objectness', 'caption')
@@ -178,18 +178,6 @@ def _total_norm(tensors: list) -> torch.Tensor | None:
     if not tensors: return None
     n = torch.nn.utils.get_total_norm(tensors)
     return n.full_tensor() if hasattr(n, 'full_tensor') else n
-
-def group_norms(model: torch.nn.Module, # the (unwrapped) model
-                grads: bool = True, # gradient norms (False: weight norms)
-               ) -> dict[str, torch.Tensor]:
-    "L2 norm of the gradients (or weights) of each module group's trainable parameters."
-    out = {}
-    for g, params in group_parameters(model).items():
-        ts = [(p.grad if grads else p.detach()) for _, p in params if p.requires_grad and (p.grad is not None or not grads)]
-        if ts:
-            n = torch.nn.utils.get_total_norm(ts)
-            out[g] = n.full_tensor() if hasattr(n, 'full_tensor') else n
-    return out
 
 # %% ../nbs/07_trainer.ipynb #07-trainer-010
 def _fmt(v: float) -> str:
@@ -356,9 +344,7 @@ class BBUTrainer(Trainer):
         vals = {k: float(v.detach()) for k, v in terms.items()}
         bad = {k: v for k, v in vals.items() if not math.isfinite(v)}
         first = [k for k in bad if k not in ('loss', 'lm_loss', 'detection_loss')] or list(bad)
-        causes, pv = [], inputs.get('pixel_values')
-        if pv is not None and not bool(torch.isfinite(pv).all()):
-            causes.append(f"the batch's pixel_values hold {int((~torch.isfinite(pv)).sum())} non-finite values (bad input image or preprocessing)")
+        causes = []   # non-finite inputs were refused before the forward pass (compute_loss)
         m = self.accelerator.unwrap_model(self.model)
         badw = sorted({g for g, ps in group_parameters(m).items() for _, p in ps if not bool(torch.isfinite(p.detach()).all())})
         if badw: causes.append(f"weights of {badw} are already non-finite")
