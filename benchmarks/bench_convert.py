@@ -2,26 +2,30 @@
 
 The bound is bare PIL on the same images: decode, EXIF transpose, RGB, bicubic resize to the spec's
 size, encode in the same format, with nothing else (no checks, no JSON, no atomic writes). vlmlab's
-`convert` is timed with 1 and 2 worker processes. Ratios are what to read: absolute images/s depend on
-the machine and its load.
+`convert` is timed with 1 and 2 worker processes. The variants alternate within every repeat; the
+ratios (median of the per-repeat ratios) are what to read: absolute images/s depend on the machine and its load.
 
-    .venv/bin/python benchmarks/bench_convert.py [--n 200] [--repeats 3]
+    .venv/bin/python benchmarks/bench_convert.py [--quick] [--n 48] [--repeats 5] [--format png] [--threads 1]
 """
+from __future__ import annotations
+
 import argparse
 import io
 import json
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 from PIL import Image, ImageOps
 
+from common import alternate, medians, paired_ratio, ratio_range, set_threads, timed
 from vlmlab.data import convert, make_shapes
 from vlmlab.vision import ResizeSpec
 
+BOUND = 'bare PIL bound (1 process)'
 
-def bare_pil(paths, spec, image_format):
+
+def bare_pil(paths: list[Path], spec: ResizeSpec, image_format: str) -> None:
     "The bound: decode + EXIF + RGB + resize + encode of every image, in this process."
     for p in paths:
         with Image.open(p) as im:
@@ -31,38 +35,46 @@ def bare_pil(paths, spec, image_format):
             im.resize((w, h), Image.Resampling.BICUBIC).save(buf, format=image_format)
 
 
-def best_of(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter(); fn(); times.append(time.perf_counter() - t0)
-    return min(times)
-
-
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument('--n', type=int, default=200, help='number of synthetic images')
-    ap.add_argument('--repeats', type=int, default=3, help='timed repeats per variant (best is kept)')
-    ap.add_argument('--format', default='png', choices=['png', 'jpg'], help='stored image format')
-    args = ap.parse_args()
+def run(quick: bool = False, n: int | None = None, repeats: int | None = None, image_format: str = 'png') -> dict:
+    "Images/s of bare PIL and of `convert` with 1 and 2 workers, alternating; ratios against the bound."
+    n = n or (12 if quick else 48)
+    repeats = repeats or (3 if quick else 5)
+    sizes = (240, 480) if quick else (480, 1280)
     work = Path(tempfile.mkdtemp(prefix='vlmlab-bench-'))
     try:
-        make_shapes(work / 'raw', n=args.n, seed=0, old_format=0.0, size_range=(480, 1280))
+        make_shapes(work / 'raw', n=n, seed=0, old_format=0.0, size_range=sizes)
         images = sorted(p for p in (work / 'raw').iterdir() if p.suffix != '.json')
         spec = ResizeSpec.for_family('qwen2_5_vl', max_pixels=401408)
-        fmt = 'PNG' if args.format == 'png' else 'JPEG'
-        res = {'bare PIL bound (1 process)': best_of(lambda: bare_pil(images, spec, fmt), args.repeats)}
+        fmt = 'PNG' if image_format == 'png' else 'JPEG'
+        variants = {BOUND: timed(lambda: bare_pil(images, spec, fmt))}
         for w in (1, 2):
-            out = work / f'out{w}'
-            res[f'vlmlab convert, {w} worker{"s" if w > 1 else ""}'] = best_of(
-                lambda: convert(work / 'raw', out, spec, workers=w, image_format=args.format, progress=False), args.repeats)
-        bound = res['bare PIL bound (1 process)']
-        print(f"{args.n} images, {args.format}, spec {spec.fingerprint} (max_pixels {spec.max_pixels}); best of {args.repeats}")
-        print(f"{'variant':34} {'seconds':>8} {'images/s':>9} {'vs bound':>9}")
-        for k, t in res.items(): print(f"{k:34} {t:8.2f} {args.n / t:9.1f} {bound / t:8.2f}x")
-        print(json.dumps({k: round(args.n / t, 2) for k, t in res.items()}))
+            variants[f'vlmlab convert, {w} worker{"s" if w > 1 else ""}'] = timed(
+                lambda w=w: convert(work / 'raw', work / f'out{w}', spec, workers=w, image_format=image_format, progress=False))
+        secs = alternate(variants, repeats)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    ips = {k: [n / t for t in v] for k, v in secs.items()}
+    med = medians(ips)
+    name = lambda k: k.replace('vlmlab convert, ', 'convert ') + ' / bare PIL'
+    ratios = {name(k): paired_ratio(ips, k, BOUND) for k in ips if k != BOUND}
+    print(f"{n} images {sizes[0]}-{sizes[1]} px, {image_format}, spec {spec.fingerprint} (max_pixels {spec.max_pixels}); "
+          f"median of {repeats} alternating repeats")
+    print(f"{'variant':34} {'images/s':>9} {'vs bound':>9}")
+    for k in ips: print(f"{k:34} {med[k]:9.1f} {(paired_ratio(ips, k, BOUND) if k != BOUND else 1.0):8.2f}x")
+    return {'ratios': ratios, 'ratio_range': {name(k): ratio_range(ips, k, BOUND) for k in ips if k != BOUND},
+            'ratio_meaning': {k: 'images/s of convert over images/s of bare PIL on the same images (higher is better; 1 worker '
+                                 'cannot pass 1.0, it does the same work plus checks, JSON and atomic writes)' for k in ratios},
+            'medians': {f'{k} (images/s)': v for k, v in med.items()}, 'per_repeat': ips, 'repeats': repeats,
+            'params': {'images': n, 'size_range': list(sizes), 'format': image_format, 'max_pixels': spec.max_pixels}}
 
 
 if __name__ == '__main__':
-    main()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument('--quick', action='store_true', help='small sizes (a smoke test)')
+    ap.add_argument('--n', type=int, default=None, help='number of synthetic images')
+    ap.add_argument('--repeats', type=int, default=None, help='alternating repeats (the median is kept)')
+    ap.add_argument('--format', default='png', choices=['png', 'jpg'], help='stored image format')
+    ap.add_argument('--threads', type=int, default=1, help='torch threads (0: torch default)')
+    a = ap.parse_args()
+    set_threads(a.threads)
+    print(json.dumps(run(a.quick, a.n, a.repeats, a.format)['ratios'], indent=1))

@@ -229,3 +229,28 @@ def test_cli_train_refuses_bad_setups_before_step_0(ds, tmp_path, vlmlab_bin):
     missing = _write_cfg(tmp_path / 'missing.yaml', tmp_path / 'nowhere', tmp_path / 'out')
     r = subprocess.run([vlmlab_bin, 'train', '--config', str(missing)], capture_output=True, text=True)
     assert r.returncode == 2 and 'no {split}.jsonl files' in r.stderr and not (tmp_path / 'out' / 'checkpoint-1').exists(), r.stderr
+
+
+@pytest.mark.slow
+def test_evaluation_split_and_merged_lora_export(ds, tmp_path):
+    "An eval split runs through compute_loss, and a LoRA run's export loads with from_pretrained and computes what the trainer's model does."
+    from transformers import AutoModelForImageTextToText
+    from vlmlab.collators import model_inputs
+    from vlmlab.trainer import export_model
+    cfg = config(ds, tmp_path / 'run', max_steps=3)
+    cfg.data.eval_split, cfg.stage.lora, cfg.stage.lora_r = 'train', True, 4
+    tr = build_trainer(cfg, progress=False)
+    tr.train()
+    ev = tr.evaluate()
+    assert ev['eval_loss'] > 0 and torch.isfinite(torch.tensor(ev['eval_loss'])), ev
+    vlm = tr.model.vlm.eval()
+    assert any(float(p.detach().abs().max()) > 0 for n, p in vlm.named_parameters() if 'lora_B' in n), 'the adapters did not train'
+    export_model(tr.model, tmp_path / 'final')
+    loaded, info = AutoModelForImageTextToText.from_pretrained(tmp_path / 'final', output_loading_info=True)
+    assert not info['missing_keys'] and not info['unexpected_keys'], info
+    assert not any('lora_' in n for n, _ in loaded.named_parameters())
+    batch = TrainingCollator(tr.model.tokenizer)([tr.train_dataset[i] for i in range(2)])
+    inputs = {k: v for k, v in model_inputs(batch).items() if k != 'labels'}
+    with torch.no_grad():
+        diff = (loaded.eval()(**inputs).logits - vlm(**inputs).logits).abs().max().item()
+    assert diff < 1e-4, diff

@@ -7,6 +7,7 @@ GitHub markdown (nbdev directives honoured: `#| hide`, `#| echo: false`, `#| out
 import argparse
 import difflib
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -40,6 +41,14 @@ def _output_md(out) -> str:
     return ''
 
 
+def github_links(md: str, nbs: Path = ROOT / 'nbs') -> str:
+    "Links to pages of the docs site (`collators.html#x`) as links to their notebooks in the repository (`nbs/04_collators.ipynb#x`)."
+    page = lambda p: re.sub(r'^\d+[a-zA-Z0-9]*_', '', p.name.lower())[:-len('.ipynb')] + '.html'   # nbdev's page name
+    pages = {page(p): p.name for p in nbs.glob('*.ipynb')}
+    return re.sub(r'\]\(([\w.-]+\.html)(#[^)\s]*)?\)',
+                  lambda m: f"](nbs/{pages[m.group(1)]}{m.group(2) or ''})" if m.group(1) in pages else m.group(0), md)
+
+
 def render_readme(nb_path: Path = ROOT / 'nbs' / 'index.ipynb') -> str:
     "Execute the index notebook and render it as GitHub markdown."
     nb = read_nb(nb_path)
@@ -57,7 +66,7 @@ def render_readme(nb_path: Path = ROOT / 'nbs' / 'index.ipynb') -> str:
         if dirs.get('echo') != 'false' and body: parts.append('```python\n' + body + '\n```')
         if dirs.get('output') != 'false':
             parts += [m for m in (_output_md(o) for o in cell.get('outputs', [])) if m]
-    return HEADER + '\n\n'.join(p for p in parts if p) + '\n'
+    return HEADER + github_links('\n\n'.join(p for p in parts if p), nb_path.parent) + '\n'
 
 
 def main():

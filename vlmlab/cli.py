@@ -20,15 +20,19 @@ from .doctor import doctor_json, doctor_report, run_doctor
 
 # %% auto #0
 __all__ = ['COMMANDS', 'FLAG_NAMES', 'command', 'command_parser', 'doctor', 'demo', 'resize_spec', 'make_shapes',
-           'clean_raw_json', 'convert', 'validate', 'train', 'build_parser', 'main']
+           'clean_raw_json', 'convert', 'validate', 'train', 'report', 'ablate', 'evaluate', 'benchmarks_root', 'bench',
+           'build_parser', 'main']
 
 # %% ../nbs/90_cli.ipynb #90-cli-005
 COMMANDS: dict[str, Callable[..., int]] = {}
 FLAG_NAMES = {'as_json': '--json', 'out_dir': '--out'}  # parameter -> flag, where the natural name is taken or long
 
-def command(f: Callable[..., int]) -> Callable[..., int]:
-    "Register `f` as the subcommand named after it (underscores become dashes)."
-    COMMANDS[f.__name__.replace('_', '-')] = f
+def command(f: Callable[..., int] | None = None, # the command function
+            name: str | None = None, # the command's name (default: the function's, underscores become dashes)
+           ) -> Callable:
+    "Register `f` as a subcommand: `@command` names it after the function, `@command(name='eval')` as given."
+    if f is None: return lambda g: command(g, name)
+    COMMANDS[name or f.__name__.replace('_', '-')] = f
     return f
 
 def command_parser(f: Callable, # a function with type hints and docments
@@ -43,9 +47,11 @@ def command_parser(f: Callable, # a function with type hints and docments
         helptext = info['docment'] or ''
         anno = info['anno']
         if prm.default is inspect.Parameter.empty:
-            p.add_argument(name, help=helptext)
+            p.add_argument(name, metavar=name.upper(), help=helptext)
         elif anno is bool or anno == 'bool' or isinstance(prm.default, bool):
             p.add_argument(flag, dest=name, action='store_true', help=helptext)
+        elif str(anno).startswith('list'):   # list[str]: one or more values after the flag
+            p.add_argument(flag, dest=name, nargs='+', default=prm.default, help=helptext)
         else:
             typ = {'int': int, 'float': float}.get(str(anno).split(' ')[0], None) or (anno if anno in (int, float) else str)
             p.add_argument(flag, dest=name, type=typ, default=prm.default,
@@ -120,8 +126,9 @@ def demo(family: str = 'qwen2_5_vl', # model family of the sample: qwen2_vl, qwe
 def resize_spec(family: str = 'qwen2_5_vl', model: str | None = None, min_pixels: int | None = None,
                 max_pixels: int | None = None):
     "The `ResizeSpec` the data commands use: the model's own, or the family's with optional limits."
+    from vlmlab.model import resolve_model_path
     from vlmlab.vision import ResizeSpec
-    if model: return ResizeSpec.from_pretrained(model)
+    if model: return ResizeSpec.from_pretrained(resolve_model_path(model))
     return ResizeSpec.for_family(family, min_pixels, max_pixels)
 
 @command
@@ -150,7 +157,7 @@ def clean_raw_json(folder: str, # folder of raw annotation JSON files to migrate
 def convert(input: str, # raw JSON folder or file, LLaVA JSON, or COCO JSON
             out_dir: str = 'ds_output', # output folder (images/ and {split}.jsonl are written here)
             family: str = 'qwen2_5_vl', # model family: qwen2_vl, qwen2_5_vl or qwen3_vl (fixes factor and box space)
-            model: str = None, # checkpoint whose config and image processor give the resize spec (overrides --family)
+            model: str = None, # checkpoint (or tiny-kit/<family>) whose config and image processor give the resize spec (overrides --family)
             min_pixels: int = None, # fewest pixels of a resized image (default: the family's released value)
             max_pixels: int = None, # most pixels of a resized image (default: the family's released value)
             split: str = 'train', # split name: writes {split}.jsonl, {split}.rejects.jsonl, {split}.summary.json
@@ -215,6 +222,145 @@ def train(config: str = None, # YAML run config (see configs/)
         out = Path(cfg.training.output_dir)
         print(f"final model: {metrics['final_model']}\nTensorBoard: {metrics['tensorboard']}\nmetrics: {out / 'metrics.json'}")
     return 0
+
+# %% ../nbs/90_cli.ipynb #90-cli-020
+def _fail(cmd: str, e: BaseException) -> int:
+    "Print a command's error (it names the file or option) and return the bad-input status 2."
+    print(f"vlmlab {cmd}: {e}", file=sys.stderr)
+    return 2
+
+@command
+def report(run_dir: str, # a `vlmlab train` output folder (metrics.json, checkpoints; ablation.json from `vlmlab ablate --out`)
+           out: str = None, # folder for index.html and the PNGs (default: RUN_DIR/report)
+           scan_data: bool = False, # also process every split of the run's ds_output for truncation and label coverage
+           floor: float = 0.0, # the lowest loss the task can reach (the pathology rules' "high")
+          ) -> int:
+    "Write a run's self-contained HTML report: loss terms, gradient panels, ablation, truncation, pathologies, verdicts."
+    from vlmlab.model import VLMLabConfig
+    from vlmlab.report import data_report, read_run, write_report
+    try:
+        data = None
+        if scan_data:
+            cfg = read_run(run_dir).get('config')
+            if not cfg: raise ValueError(f"{run_dir}: its log holds no run config, which --scan-data needs")
+            data = data_report(VLMLabConfig.from_dict(cfg))
+        path = write_report(run_dir, out, data, floor)
+    except (OSError, ValueError) as e: return _fail('report', e)
+    print(path)
+    return 0
+
+def _check_eval_args(data: str | None, n: int, batch_size: int, least_batch: int = 1) -> None:
+    "Refuse missing data or too few items before anything is loaded."
+    if data is None: raise ValueError("--data is required: the ds_output folder holding the held-out split")
+    if n < 2: raise ValueError(f"--n {n}: at least 2 items are needed for paired intervals")
+    if batch_size < least_batch: raise ValueError(f"--batch-size {batch_size}: at least {least_batch}")
+
+@command
+def ablate(model: str = None, # checkpoint-N/ folder, a run's final/ folder, a run folder (its final/), or a hub id
+           data: str = None, # ds_output folder holding the held-out split
+           split: str = None, # held-out split (default: the first of heldout, eval, val, validation, test present)
+           n: int = 64, # held-out items, the first that process (the runbook: 64-256)
+           out: str = None, # write the ablation record (JSON) here, e.g. RUN_DIR/ablation.json for `vlmlab report`
+           target: str = None, # data.target the model was trained with (default: its run's config, else grounding)
+           max_length: int = None, # data.max_length (default: its run's config, else 4096)
+           batch_size: int = 8, # items per forward pass (at least 2: the shuffled image comes from the batch)
+           seed: int = 0, # noise and bootstrap seed
+           quiet: bool = False, # no progress bar
+          ) -> int:
+    "Connector ablation on held-out items (correct image vs shuffled, zeroed, noise); exit 0 on PASS, 1 on FAIL."
+    from vlmlab.diagnostics import connector_ablation
+    from vlmlab.report import heldout_samples, load_eval_model, save_ablation
+    try:
+        if model is None: raise ValueError("--model is required: a checkpoint-N/ or final/ folder, or a run folder")
+        _check_eval_args(data, n, batch_size, least_batch=2)
+        ho = heldout_samples(model, data, split, n, target, max_length)
+        vlm = load_eval_model(model)
+    except (OSError, ValueError, RuntimeError) as e: return _fail('ablate', e)
+    if ho.skipped: print(f"skipped {len(ho.skipped)} item(s) that cannot be processed; first: {ho.skipped[0]}", file=sys.stderr)
+    res = connector_ablation(vlm, ho.samples, ho.pad_token_id, batch_size, seed, progress=not quiet)
+    print(f"connector ablation of {model} on {len(ho.samples)} '{ho.split}' items of {data} (target {ho.target}, max_length {ho.max_length})")
+    print(res)
+    if out:
+        try: f = save_ablation(res, out, ho.ids, model=str(model), data=str(data), split=ho.split, target=ho.target, seed=seed)
+        except OSError as e: return _fail('ablate', e)
+        print(f"ablation record: {f}")
+    return 0 if res.passed else 1
+
+@command(name='eval')
+def evaluate(checkpoints: list[str] = None, # model folders (e.g. base, SFT, later), evaluated one at a time in this order
+             data: str = None, # ds_output folder holding the held-out split
+             split: str = None, # held-out split (default: the first of heldout, eval, val, validation, test present)
+             n: int = 64, # held-out items, the first that process
+             target: str = None, # data.target (default: the first checkpoint's run config that exists, else grounding)
+             max_length: int = None, # data.max_length (default: the first checkpoint's run config that exists, else 4096)
+             batch_size: int = 8, # items per forward pass
+             out: str = None, # write the per-item losses and the comparisons (JSON) here
+            ) -> int:
+    "Teacher-forced loss of several checkpoints on the same held-out items, one model in memory at a time, compared pairwise."
+    import itertools, json
+    import numpy as np
+    from vlmlab.data import write_atomic
+    from vlmlab.diagnostics import compare_paired, evaluate_checkpoints, paired_sample_size
+    from vlmlab.report import heldout_losses, heldout_samples, load_eval_model, model_folder, run_config
+    try:
+        if not checkpoints: raise ValueError("--checkpoints is required: one or more model folders")
+        if len(set(checkpoints)) != len(checkpoints): raise ValueError(f"--checkpoints names a folder twice: {' '.join(checkpoints)}")
+        _check_eval_args(data, n, batch_size)
+        for c in checkpoints: model_folder(c)   # every folder exists before the first is loaded
+        ref = next((c for c in checkpoints if run_config(c) is not None), checkpoints[0])   # a trained one knows target and length
+        ho = heldout_samples(ref, data, split, n, target, max_length)
+        vocab = ho.tokenizer.get_vocab()
+        def load(path):
+            m = load_eval_model(path)
+            if m.tokenizer.get_vocab() != vocab:
+                raise ValueError(f"{path}: its tokenizer differs from {ref}'s, so the items would not be the same tokens")
+            return m
+        results = evaluate_checkpoints(checkpoints, lambda m: heldout_losses(m, ho, batch_size), load)
+    except (OSError, ValueError, RuntimeError) as e: return _fail('eval', e)
+    print(f"{len(ho.samples)} '{ho.split}' items of {data} (target {ho.target}, max_length {ho.max_length}); mean token loss:")
+    for c, losses in results.items(): print(f"  {np.mean(losses):.4f}  {c}")
+    comparisons = []
+    for (a, la), (b, lb) in itertools.combinations(results.items(), 2):
+        cmp = compare_paired(lb, la)   # later - earlier: below 0, the later checkpoint has the lower loss
+        word = ('lower loss' if cmp.mean_diff < 0 else 'higher loss') if cmp.significant else 'no significant difference'
+        print(f"{b} vs {a}: {word}\n  {cmp}")
+        sd = float(np.std(np.subtract(lb, la), ddof=1))
+        if not cmp.significant and cmp.mean_diff != 0 and sd > 0:
+            print(f"  items needed to detect a difference of {abs(cmp.mean_diff):.4g} with 80% power: {paired_sample_size(abs(cmp.mean_diff), sd)}")
+        comparisons.append({'a': a, 'b': b, 'mean_b_minus_a': cmp.mean_diff, 'bootstrap_ci': list(cmp.bootstrap_ci),
+                            't_pvalue': cmp.t_pvalue, 'wilcoxon_pvalue': cmp.wilcoxon_pvalue, 'significant': cmp.significant})
+    if out:
+        rec = {'data': str(data), 'split': ho.split, 'target': ho.target, 'items': ho.ids, 'losses': results, 'comparisons': comparisons}
+        try: write_atomic(Path(out), json.dumps(rec, indent=1).encode())
+        except OSError as e: return _fail('eval', e)
+        print(f"evaluation record: {out}")
+    return 0
+
+# %% ../nbs/90_cli.ipynb #90-cli-027
+def benchmarks_root(start: str | Path | None = None, # where to look first (default: the current directory)
+                   ) -> Path | None:
+    "The source checkout holding benchmarks/run.py: the current directory or a parent, else the checkout of an editable install."
+    here = Path(start or Path.cwd()).resolve()
+    for d in (here, *here.parents, Path(__file__).resolve().parent.parent):
+        if (d / 'benchmarks' / 'run.py').is_file(): return d
+    return None
+
+@command
+def bench(quick: bool = False, # small sizes: a smoke test of every benchmark (its numbers are not results)
+          out_dir: str = None, # folder for results.json and RESULTS.md (default: benchmarks/ of the checkout)
+          only: str = None, # comma-separated subset: packing, train_packing, trainer, convert
+         ) -> int:
+    "Run every benchmark (ratios measured side by side, medians over repeats) and write benchmarks/results.json and RESULTS.md."
+    import subprocess
+    root = benchmarks_root()
+    if root is None:
+        print("vlmlab bench: no benchmarks/run.py in the current directory, its parents or the installed package's folder; the "
+              "benchmarks ship with the source, not the wheel: run `vlmlab bench` inside a clone of vlmlab", file=sys.stderr)
+        return 2
+    cmd = [sys.executable, str(root / 'benchmarks' / 'run.py')] + (['--quick'] if quick else [])
+    if out_dir: cmd += ['--out', str(Path(out_dir).resolve())]
+    if only: cmd += ['--only', *only.split(',')]
+    return subprocess.run(cmd, cwd=root).returncode
 
 # %% ../nbs/90_cli.ipynb #90-cli-011
 def build_parser() -> argparse.ArgumentParser:

@@ -5,6 +5,7 @@
 # %% ../nbs/07_trainer.ipynb #07-trainer-003
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -16,6 +17,7 @@ from typing import Sequence
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
@@ -34,7 +36,7 @@ from .vision import ResizeSpec
 # %% auto #0
 __all__ = ['LOSS_TERMS', 'COMPLETE_MARKER', 'WEIGHTS_NAME', 'DataError', 'SampleDataset', 'PackDataset', 'TrainingCollator',
            'prepare_data', 'NonFiniteError', 'checkpoint_complete', 'last_good_checkpoint', 'load_checkpoint_weights',
-           'export_model', 'ConsoleProgressCallback', 'BBUTrainer', 'training_arguments', 'build_trainer',
+           'merge_lora', 'export_model', 'ConsoleProgressCallback', 'BBUTrainer', 'training_arguments', 'build_trainer',
            'train_from_config']
 
 # %% ../nbs/07_trainer.ipynb #07-trainer-005
@@ -162,12 +164,26 @@ def load_checkpoint_weights(model: VLMDetector, # the model to load into (same s
         raise RuntimeError(f"{folder}: checkpoint does not fit the model (head / LoRA / family differ?): missing {missing[:5]}, "
                            f"unexpected {unexpected[:5]}")
 
+def merge_lora(vlm: nn.Module, # a model with peft LoRA adapters injected (vlmlab.model.add_lora)
+              ) -> nn.Module:
+    "A copy of the model with every LoRA adapter merged into its base weight and the adapter layers removed."
+    from peft.tuners.lora import LoraLayer
+    merged = copy.deepcopy(vlm)
+    for name, module in list(merged.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge(safe_merge=True)   # raises on non-finite merged weights
+            parent, _, child = name.rpartition('.')
+            setattr(merged.get_submodule(parent), child, module.get_base_layer())
+    return merged
+
 def export_model(model: VLMDetector, # a trained model
                  folder: str | Path, # where to write it
                 ) -> Path:
-    "Save the VLM with save_pretrained (loadable with from_pretrained), the head beside it, tokenizer and image processor."
+    "Save the VLM with save_pretrained (LoRA merged: loadable with from_pretrained), the head beside it, tokenizer and image processor."
     folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
-    model.vlm.save_pretrained(folder, safe_serialization=True)
+    vlm = model.vlm
+    if any('lora_' in n for n, _ in vlm.named_parameters()): vlm = merge_lora(vlm)
+    vlm.save_pretrained(folder, safe_serialization=True)
     if model.head is not None:
         save_file({k: v.detach().contiguous().cpu() for k, v in model.head.state_dict().items()}, str(folder / 'detection_head.safetensors'))
     model.tokenizer.save_pretrained(folder); model.image_processor.save_pretrained(folder)
@@ -383,6 +399,12 @@ class BBUTrainer(Trainer):
                 logs.update({f'data/{k}': v for k, v in st.summary().items()})
             self._acc, self._tokens, self._steps_in_window, self._norm_logs, self._window_start = None, 0.0, 0, {}, now
         super().log(logs, start_time)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        "Evaluation loss through `compute_loss` (the model takes the whole batch, not keyword inputs)."
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(): loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
 
     # ---- checkpoints
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:

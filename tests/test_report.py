@@ -1,0 +1,184 @@
+"""The run report as a user opens it: a real tiny run rendered by headless Chromium, and the report / ablate / eval commands."""
+import base64
+import html
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vlmlab.cli import main
+from vlmlab.data import convert, make_shapes
+from vlmlab.model import VLMLabConfig
+from vlmlab.report import ABLATION_FORMAT, REPORT_PANELS, load_ablation, write_report
+from vlmlab.tiny import tiny_kit
+from vlmlab.trainer import train_from_config
+from vlmlab.vision import ResizeSpec
+
+CHROMIUM = shutil.which('chromium') or shutil.which('chromium-browser') or shutil.which('google-chrome')
+KIT = 'tiny-kit/qwen2_5_vl'
+IMAGE_PANELS = {'loss-terms', 'grad-norm', 'update-ratio', 'ablation'}
+PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+
+
+@pytest.fixture(scope='module')
+def work(tmp_path_factory):
+    "Shapes data (train + heldout) and a 6-step stage-1 run of the tiny kit model, a log every step."
+    work = tmp_path_factory.mktemp('report')
+    spec = ResizeSpec.from_pretrained(tiny_kit('qwen2_5_vl'))
+    for split, seed in (('train', 0), ('heldout', 1)):
+        make_shapes(work / f'raw_{split}', n=8, seed=seed, old_format=0, exif_rotated=0, size_range=(112, 160), max_objects=2)
+        convert(work / f'raw_{split}', work / 'ds', spec, split=split, progress=False)
+    cfg = VLMLabConfig.from_dict({
+        'model': {'name_or_path': KIT}, 'data': {'ds_output': str(work / 'ds'), 'target': 'caption', 'max_length': 1024},
+        'stage': {'name': 'stage1', 'lrs': {'merger': 1e-3}},
+        'training': {'output_dir': str(work / 'run'), 'max_steps': 6, 'per_device_batch_size': 2, 'logging_steps': 1,
+                     'save_steps': 6, 'warmup_ratio': 0.0}})
+    train_from_config(cfg, progress=False)
+    return work
+
+
+@pytest.fixture(scope='module')
+def ablated(work):
+    "`vlmlab ablate` on the run (its final/ export) writing RUN_DIR/ablation.json; (exit code, stdout)."
+    import contextlib, io
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = main(['ablate', '--model', str(work / 'run'), '--data', str(work / 'ds'), '--n', '8', '--batch-size', '4', '--quiet',
+                   '--out', str(work / 'run' / 'ablation.json')])
+    return rc, out.getvalue()
+
+
+def chromium(*args, timeout=120):
+    return subprocess.run([CHROMIUM, '--headless', '--no-sandbox', '--disable-gpu', '--hide-scrollbars', *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_ablate_writes_the_record_and_exits_on_the_verdict(work, ablated):
+    rc, out = ablated
+    rec = load_ablation(work / 'run' / 'ablation.json')
+    assert rec['format'] == ABLATION_FORMAT and rec['n'] == 8 and len(rec['items']) == 8
+    assert rc == (0 if rec['passed'] else 1)
+    assert out.splitlines()[1].startswith('PASS' if rec['passed'] else 'FAIL')
+    assert rec['target'] == 'caption' and rec['split'] == 'heldout'   # processed as the run was trained (its config)
+    for k in ('shuffled', 'zero', 'noise'):
+        d = rec['deltas'][k]
+        assert d['mean'] == pytest.approx(np.mean(np.subtract(rec['losses'][k], rec['losses']['correct'])))
+        assert d['low'] <= d['high']
+
+
+@pytest.mark.slow
+def test_ablate_fails_on_the_untrained_model(work, capsys):
+    rc = main(['ablate', '--model', KIT, '--data', str(work / 'ds'), '--n', '8', '--quiet'])
+    out = capsys.readouterr().out
+    assert rc == 1 and 'FAIL' in out and 'not above 0' in out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason='no chromium on PATH (apt-get install chromium): the screenshot test needs a headless browser')
+def test_report_renders_in_headless_chromium(work, ablated, tmp_path):
+    page = write_report(work / 'run', tmp_path / 'report')
+    shot = tmp_path / 'screenshot.png'
+    r = chromium(f'--screenshot={shot}', '--window-size=1400,4000', page.as_uri())
+    assert shot.is_file(), r.stderr[-2000:]
+    pixels = np.asarray(Image.open(shot).convert('L'), dtype=float)
+    assert pixels.shape == (4000, 1400)
+    assert pixels.std() > 20, 'the screenshot is blank'
+    inked = (pixels < 200).mean(axis=1) > 0.01          # rows with drawing on them
+    assert inked[:1000].mean() > 0.2 and inked[1000:3000].mean() > 0.2, 'the panels do not fill the page'
+
+    dom = chromium('--virtual-time-budget=10000', '--dump-dom', page.as_uri()).stdout
+    for pid, title in REPORT_PANELS.items():
+        assert f'<section id="{pid}"><h2>{html.escape(title)}</h2>' in dom, pid
+    tags = re.findall(r'<img [^>]*>', dom)
+    assert {re.search(r'id="img-([\w-]+)"', t).group(1) for t in tags} == IMAGE_PANELS
+    for tag in tags:
+        panel = re.search(r'id="img-([\w-]+)"', tag).group(1)
+        png = base64.b64decode(re.search(r'src="data:image/png;base64,([^"]+)"', tag).group(1))
+        assert png.startswith(PNG_SIGNATURE)
+        assert png == (page.parent / f"{panel.replace('-', '_')}.png").read_bytes()   # the file beside the page
+        decoded = int(re.search(r'data-natural-width="(\d+)"', tag).group(1))          # set by the page on load
+        assert decoded == Image.open(page.parent / f"{panel.replace('-', '_')}.png").width > 0
+    assert 'FAIL' in dom or 'PASS' in dom
+
+
+@pytest.mark.slow
+def test_report_command_without_ablation_says_not_run(work, tmp_path, capsys):
+    (tmp_path / 'run').mkdir()
+    shutil.copy(work / 'run' / 'metrics.json', tmp_path / 'run' / 'metrics.json')
+    assert main(['report', str(tmp_path / 'run')]) == 0
+    page = Path(capsys.readouterr().out.strip())              # the command prints the page's path
+    assert page == tmp_path / 'run' / 'report' / 'index.html'
+    text = page.read_text()
+    assert all(f'<section id="{pid}">' in text for pid in REPORT_PANELS)
+    assert 'id="ablation-not-run"' in text and 'not run' in text and 'id="img-ablation"' not in text
+    assert sorted(p.name for p in (tmp_path / 'run' / 'report').glob('*.png')) == ['grad_norm.png', 'loss_terms.png', 'update_ratio.png']
+    assert 'not scanned' in text
+    assert main(['report', str(tmp_path / 'run'), '--scan-data']) == 0   # every split processed with the run's config
+    text = page.read_text()
+    for split in ('train', 'heldout'): assert f'<tr><td>{split}</td><td>8</td><td>8</td><td>0</td><td>0</td>' in text
+
+
+@pytest.mark.slow
+def test_eval_compares_checkpoints_on_the_same_items(work, tmp_path, capsys):
+    ckpt = work / 'run' / 'checkpoint-6'
+    rc = main(['eval', '--checkpoints', KIT, str(ckpt), '--data', str(work / 'ds'), '--n', '8', '--out', str(tmp_path / 'eval.json')])
+    out = capsys.readouterr().out
+    assert rc == 0 and f'{ckpt} vs {KIT}' in out
+    rec = json.loads((tmp_path / 'eval.json').read_text())
+    assert rec['target'] == 'caption'          # from the run's config, although the untrained kit comes first
+    assert list(rec['losses']) == [KIT, str(ckpt)] and all(len(v) == 8 for v in rec['losses'].values())
+    (cmp,) = rec['comparisons']
+    assert cmp['mean_b_minus_a'] == pytest.approx(np.mean(np.subtract(rec['losses'][str(ckpt)], rec['losses'][KIT])))
+
+
+# ---- bad input: exit 2 with a message naming the file or option (no model is loaded)
+
+@pytest.fixture
+def inputs(tmp_path):
+    "A run folder with a minimal log, a ds_output with a held-out split, and an empty folder."
+    run = tmp_path / 'run'; run.mkdir()
+    (run / 'metrics.json').write_text(json.dumps({'log_history': [{'step': s, 'loss': 2.0 / s} for s in range(1, 6)]}))
+    ds = tmp_path / 'ds'; ds.mkdir()
+    (ds / 'heldout.jsonl').write_text('{}\n')
+    (tmp_path / 'empty').mkdir()
+    return tmp_path
+
+
+BAD = [
+    (['report', '{t}/missing'], '{t}/missing'),
+    (['report', '{t}/empty'], 'metrics.json'),
+    (['report', '{t}/run', '--out', '{t}/run/metrics.json'], 'metrics.json'),
+    (['ablate', '--data', '{t}/ds'], '--model is required'),
+    (['ablate', '--model', KIT], '--data is required'),
+    (['ablate', '--model', KIT, '--data', '{t}/ds', '--n', '1'], '--n 1'),
+    (['ablate', '--model', '{t}/nope', '--data', '{t}/ds'], '{t}/nope'),
+    (['ablate', '--model', KIT, '--data', '{t}/nowhere'], '{t}/nowhere'),
+    (['ablate', '--model', KIT, '--data', '{t}/ds', '--split', 'dev'], 'dev.jsonl'),
+    (['ablate', '--model', KIT, '--data', '{t}/empty'], 'no held-out split'),
+    (['eval', '--data', '{t}/ds'], '--checkpoints is required'),
+    (['eval', '--checkpoints', KIT, KIT, '--data', '{t}/ds'], 'twice'),
+    (['eval', '--checkpoints', KIT, '{t}/nope', '--data', '{t}/ds'], '{t}/nope'),
+]
+
+
+@pytest.mark.parametrize('args,message', BAD, ids=[' '.join(a[:1] + a[-2:]) for a, _ in BAD])
+def test_bad_input_exits_2_naming_it(inputs, capsys, args, message):
+    rc = main([a.format(t=inputs) for a in args])
+    err = capsys.readouterr().err
+    assert rc == 2 and message.format(t=inputs) in err, err
+
+
+def test_report_refuses_a_malformed_ablation_record(inputs, capsys):
+    (inputs / 'run' / 'ablation.json').write_text(json.dumps({'format': ABLATION_FORMAT, 'passed': True, 'losses': {'correct': [1.0]}}))
+    assert main(['report', str(inputs / 'run')]) == 2
+    err = capsys.readouterr().err
+    assert 'ablation.json' in err and "'losses'" in err
+    (inputs / 'run' / 'ablation.json').unlink()
+    assert main(['report', str(inputs / 'run')]) == 0     # the minimal log alone makes a page
+    assert capsys.readouterr().out.strip() == str(inputs / 'run' / 'report' / 'index.html')
