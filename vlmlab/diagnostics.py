@@ -26,11 +26,11 @@ from .vision import load_image
 __all__ = ['FROZEN_BELOW', 'GOLDILOCKS', 'UNSTABLE_ABOVE', 'UPDATE_RATIO_CAUSES', 'EXPLODING_ABOVE', 'GRAD_NORM_CAUSES',
            'NF_MARKER', 'ABLATIONS', 'Verdict', 'verdict_table', 'metric_series', 'update_ratio_class',
            'update_ratio_verdicts', 'optimizer_lrs', 'weight_snapshot', 'group_norms', 'grad_norm_verdicts',
-           'CurveThresholds', 'loss_series', 'diagnose_loss_curve', 'span_iou', 'token_span_to_chars', 'highlight_span',
-           'NFMarkerError', 'check_nf_marker', 'nf_marker_problems', 'paired_bootstrap_ci', 'PairedComparison',
-           'compare_paired', 'paired_power', 'paired_sample_size', 'ImageFingerprint', 'image_fingerprint',
-           'find_near_duplicates', 'check_leakage', 'evaluate_checkpoints', 'AblationResult', 'item_losses',
-           'connector_ablation']
+           'CurveThresholds', 'loss_series', 'diagnose_loss_curve', 'entropy_from_logits', 'span_iou',
+           'token_span_to_chars', 'highlight_span', 'NFMarkerError', 'check_nf_marker', 'nf_marker_problems',
+           'span_cross_entropy', 'paired_bootstrap_ci', 'PairedComparison', 'compare_paired', 'paired_power',
+           'paired_sample_size', 'ImageFingerprint', 'image_fingerprint', 'find_near_duplicates', 'check_leakage',
+           'evaluate_checkpoints', 'AblationResult', 'item_losses', 'connector_ablation']
 
 # %% ../nbs/08_diagnostics.ipynb #08-diagnosti-008
 @dataclass
@@ -169,7 +169,7 @@ def group_norms(groups: Mapping[str, Iterable], # {group: parameters or (name, p
             out[f'step_ratio/{g}'] = dn / wn if wn > 0 else float('inf')
     return out
 
-# %% ../nbs/08_diagnostics.ipynb #08-diagnosti-024
+# %% ../nbs/08_diagnostics.ipynb #08-diagnosti-026
 EXPLODING_ABOVE = 10.0      # seeds: gradient norm above this is exploding
 
 GRAD_NORM_CAUSES = {
@@ -218,7 +218,7 @@ def grad_norm_verdicts(norms: Mapping | Sequence[Mapping], # {group: norms over 
         out.append(Verdict(g, cls, ok, cause, ev))
     return out
 
-# %% ../nbs/08_diagnostics.ipynb #08-diagnosti-030
+# %% ../nbs/08_diagnostics.ipynb #08-diagnosti-034
 @dataclass(frozen=True)
 class CurveThresholds:
     "The documented constants of `diagnose_loss_curve` (times are fractions of the run)."
@@ -312,7 +312,15 @@ def diagnose_loss_curve(curve: Sequence, # losses, (step, loss) pairs, or a log_
                        "use, such as an image that never reaches it)", ev)
     return Verdict('loss', 'healthy', True, f"fell {ev['progress']:.0%} of the way to floor {floor:g} and flattened", ev)
 
-# %% ../nbs/08_diagnostics.ipynb #08-diagnosti-040
+# %% ../nbs/08_diagnostics.ipynb #08-diagnosti-046
+def entropy_from_logits(logits: torch.Tensor, # (..., K) unnormalized scores
+                        dim: int = -1, # the class dimension
+                       ) -> torch.Tensor:
+    "Entropy of softmax(logits) without log(0): finite values and gradients in every dtype."
+    logp = torch.log_softmax(logits, dim=dim)
+    return -(logp.exp() * logp).sum(dim)
+
+# %% ../nbs/08_diagnostics.ipynb #08-diagnosti-049
 def span_iou(pred_start: int, # predicted span [pred_start, pred_end)
              pred_end: int,
              gold_start: int, # gold span [gold_start, gold_end)
@@ -326,7 +334,7 @@ def span_iou(pred_start: int, # predicted span [pred_start, pred_end)
     union = (pred_end - pred_start) + (gold_end - gold_start) - inter
     return inter / union if union else both_empty
 
-# %% ../nbs/08_diagnostics.ipynb #08-diagnosti-047
+# %% ../nbs/08_diagnostics.ipynb #08-diagnosti-056
 def token_span_to_chars(start: int, # first token of the span (indices count special tokens such as BOS)
                         end: int, # one past the last token
                         offsets: Sequence[tuple[int, int]], # the tokenizer's offset mapping of the same sequence
@@ -347,7 +355,7 @@ def highlight_span(text: str, # the text the character offsets refer to
     if not 0 <= start <= end <= len(text): raise ValueError(f"character span [{start}, {end}) outside the text of length {len(text)}")
     return text[:start] + marks[0] + text[start:end] + marks[1] + text[end:]
 
-# %% ../nbs/08_diagnostics.ipynb #08-diagnosti-053
+# %% ../nbs/08_diagnostics.ipynb #08-diagnosti-062
 NF_MARKER = (0, 0)
 
 class NFMarkerError(ValueError):
@@ -381,7 +389,19 @@ def nf_marker_problems(examples: Iterable[Mapping], # records to check
         except NFMarkerError as e: problems.append(str(e))
     return problems
 
-# %% ../nbs/08_diagnostics.ipynb #08-diagnosti-057
+# %% ../nbs/08_diagnostics.ipynb #08-diagnosti-066
+def span_cross_entropy(logits: torch.Tensor, # (B, L) span-start (or end) scores over positions
+                       target: torch.Tensor, # (B,) the true position of each row
+                       valid: torch.Tensor, # (B, L) bool, True on real (non-padded) positions
+                       label_smoothing: float = 0.0, # smoothing spread over each row's valid positions only
+                      ) -> torch.Tensor:
+    "Mean cross-entropy over positions with padded positions excluded from the softmax and from the smoothing term."
+    logp = torch.log_softmax(logits.float().masked_fill(~valid, float('-inf')), -1)
+    nll = -logp.gather(1, target[:, None])[:, 0]
+    smooth = -logp.masked_fill(~valid, 0.0).sum(-1) / valid.sum(-1)
+    return ((1 - label_smoothing) * nll + label_smoothing * smooth).mean()
+
+# %% ../nbs/08_diagnostics.ipynb #08-diagnosti-070
 def _differences(a: Sequence[float], b: Sequence[float]) -> np.ndarray:
     "a - b for paired scores, checked."
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
@@ -476,7 +496,7 @@ def paired_sample_size(effect: float, # smallest mean difference worth detecting
     while n > 2 and paired_power(n - 1, effect, sd, alpha) >= power: n -= 1
     return n
 
-# %% ../nbs/08_diagnostics.ipynb #08-diagnosti-067
+# %% ../nbs/08_diagnostics.ipynb #08-diagnosti-080
 @dataclass
 class ImageFingerprint:
     "A perceptual fingerprint: a 64-bit average hash for candidates and a small RGB thumbnail to confirm them."
@@ -523,7 +543,7 @@ def check_leakage(splits: dict[str, list[dict]], # split name -> records (as rea
                          f"(hash {nbits}/64 bits apart, mean pixel difference {diff:.2f})")
     return leaks
 
-# %% ../nbs/08_diagnostics.ipynb #08-diagnosti-074
+# %% ../nbs/08_diagnostics.ipynb #08-diagnosti-087
 def _graph_tensors(obj: Any, path: str = 'result') -> list[str]:
     "Where a result holds tensors that require grad (they keep the model's weights alive)."
     if isinstance(obj, torch.Tensor): return [path] if obj.requires_grad else []
@@ -556,7 +576,7 @@ def evaluate_checkpoints(paths: Sequence[str | Path], # checkpoints, evaluated i
         results[str(path)] = result
     return results
 
-# %% ../nbs/08_diagnostics.ipynb #08-diagnosti-084
+# %% ../nbs/08_diagnostics.ipynb #08-diagnosti-097
 ABLATIONS = ('shuffled', 'zero', 'noise')
 
 @dataclass
