@@ -62,13 +62,27 @@ test: sync-check nbtest pytest
 readme: $(VENV)/.dev
 	$(BIN)/python tools/readme.py
 
-# Benchmarks print ratios measured side by side in one run; they are not part of `make test`.
+# Benchmarks: ratios measured side by side in one run, written to benchmarks/results.json and benchmarks/RESULTS.md;
+# not part of `make test` (tests/test_bench.py runs the --quick smoke test). BENCH_ARGS=--quick for small sizes.
 # trl is a benchmark-only dependency (bench_packing compares against its BFD packing).
+BENCH_ARGS ?=
 bench: $(VENV)/.runtime
 	$(PIP) install $(PIP_C) trl==1.16.0
-	$(BIN)/python benchmarks/bench_convert.py
-	$(BIN)/python benchmarks/bench_packing.py
-	$(BIN)/python benchmarks/bench_trainer.py
+	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info _proc _docs
+
+# The reliability page (nbs/95_reliability.ipynb) renders nbs/reliability_results.json: this runs tests/reliability plus the
+# existing tests its table cites and rewrites that file (make test runs the same suite but never writes it).
+.PHONY: reliability-report
+reliability-report: $(VENV)/.dev
+	VLMLAB_RELIABILITY_REPORT=nbs/reliability_results.json $(BIN)/python -m pytest -q -p no:cacheprovider tests/reliability \
+	  $$($(BIN)/python tests/reliability/reliability_kit.py)
+
+# The docs site without Quarto (not installable here): nbdev's processors, then nbconvert, into _docs/ (open
+# _docs/index.html). tests/test_docs.py builds the same into a temporary folder and checks it in headless Chromium.
+# Where Quarto exists, `nbdev_docs` builds the real site from the same notebooks and nbs/_quarto.yml.
+.PHONY: docs
+docs: $(VENV)/.dev
+	$(BIN)/python tools/docs.py --out _docs

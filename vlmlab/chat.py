@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .tokens import (IMAGE_PAD, IM_END, OBJECT_REF_START, OBJECT_REF_END, BOX_START, BOX_END, VISION_START,
-                           VISION_END, VIDEO_PAD, VISION_PAD, chatml_segments, image_token_count, mm_token_type_ids)
+from .tokens import (ENDOFTEXT, IMAGE_PAD, IM_END, IM_START, OBJECT_REF_START, OBJECT_REF_END, BOX_START, BOX_END,
+                           VISION_START, VISION_END, VIDEO_PAD, VISION_PAD, chatml_segments, image_token_count, mm_token_type_ids)
 from .vision import ResizeSpec, assert_image_tokens, boxes_to_model, load_image
 from .data import resolve_inside
 
@@ -84,6 +84,16 @@ class ProcessedSample:
 # %% ../nbs/03_chat.ipynb #03-chat-011
 class ChatError(ValueError):
     "A sample that cannot become correct model inputs; the message names it and the numbers."
+
+_MARKUP_TOKENS = (ENDOFTEXT, IM_START, IM_END, VISION_START, VISION_END, VISION_PAD, IMAGE_PAD, VIDEO_PAD)  # chat and vision structure
+
+def _markup_in_text(rec: dict) -> str | None:
+    "Where a record's labels or conversation texts spell a chat / vision special token (the tokenizer would read it as markup)."
+    texts = [o.get('label') for o in rec.get('objects') or [] if isinstance(o, dict)]
+    for m in rec.get('conversations') or []:
+        c = m.get('content') if isinstance(m, dict) else None
+        texts += [c] if isinstance(c, str) else [p.get('text') for p in c if isinstance(p, dict)] if isinstance(c, list) else []
+    return next((f"{t} in {x[:80]!r}" for x in texts if isinstance(x, str) for t in _MARKUP_TOKENS if t in x), None)
 
 @dataclass
 class ChatStats:
@@ -163,7 +173,9 @@ class ChatProcessor:
 
     def _load(self, rec: dict) -> Image.Image:
         self.spec.check(rec['resize'], rec['id'])
-        return load_image(resolve_inside(self.ds_root, rec['image']))
+        try: path = resolve_inside(self.ds_root, rec['image'])
+        except ValueError as e: raise ChatError(f"sample {rec['id']!r}: {e}") from None
+        return load_image(path)
 
     def __call__(self, record: dict, # a record of ds_output/{split}.jsonl
                  epoch: int = 0, # epoch (changes the teacher draw)
@@ -174,6 +186,9 @@ class ChatProcessor:
         messages, owners, images = [], [], []
         for rec, owner in examples:
             msgs = self.example_messages(rec)
+            if (markup := _markup_in_text(rec)):
+                raise ChatError(f"sample {rec['id']!r}: the special token {markup} is plain text in the data; the tokenizer would "
+                                "read it as chat markup (an early <|im_end|>, a stray image token): remove it from the labels / texts")
             n_img = sum(1 for m in msgs if not isinstance(m['content'], str) for p in m['content'] if p.get('type') == 'image')
             if n_img != 1: raise ChatError(f"sample {rec['id']!r}: {n_img} image placeholders in its messages, expected 1")
             messages += msgs; owners += [owner] * len(msgs); images.append(self._load(rec))

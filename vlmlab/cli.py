@@ -73,54 +73,35 @@ def doctor(output_dir: str = 'runs', # directory training runs will write to; ch
 
 # %% ../nbs/90_cli.ipynb #90-cli-008
 @command
-def demo(family: str = 'qwen2_5_vl', # model family of the sample: qwen2_vl, qwen2_5_vl or qwen3_vl
-         output_dir: str = 'runs', # where the demo writes (checked by the doctor)
+def demo(output_dir: str = 'runs', # the demo writes OUTPUT_DIR/demo (checked by the doctor first)
+         model: str = 'tiny-kit/qwen2_5_vl', # the model to start from: tiny-kit/<family>, a folder or a hub id (real models: on a GPU)
+         data: str = None, # a raw annotation folder (JSON + images) instead of the synthetic shapes
+         align_steps: int = 300, # optimizer steps of the caption (alignment) run
+         grounding_steps: int = 300, # optimizer steps of the grounding + detection head run
+         n_train: int = 320, # synthetic training images
+         n_heldout: int = 64, # held-out images
+         quiet: bool = False, # no progress bars
         ) -> int:
-    "Run the end-to-end demo on built-in synthetic data (today: tokens, templates and data conversion)."
-    if family not in ('qwen2_vl', 'qwen2_5_vl', 'qwen3_vl'):
-        print(f"vlmlab demo: unknown --family {family!r}; choose qwen2_vl, qwen2_5_vl or qwen3_vl", file=sys.stderr)
+    "Run the end-to-end demo: data, alignment and grounding runs, evaluation, connector ablation and HTML reports."
+    if model.startswith('tiny-kit/') and model.split('/', 1)[1] not in ('qwen2_vl', 'qwen2_5_vl', 'qwen3_vl'):
+        print(f"vlmlab demo: unknown --model {model!r}; the tiny kit has tiny-kit/qwen2_vl, tiny-kit/qwen2_5_vl and tiny-kit/qwen3_vl", file=sys.stderr)
         return 2
-    import numpy as np
-    from PIL import Image
-    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
-    from vlmlab.tiny import VLM_FAMILIES, tiny_kit
-    from vlmlab.tokens import (IMAGE_PAD, assert_special_tokens, assert_template_matches, chatml_segments,
-                               expand_image_pads, generation_prompt, render_chatml)
+    if data is not None and not Path(data).is_dir():
+        print(f"vlmlab demo: --data {data}: no such folder (raw annotation JSON files with their images)", file=sys.stderr)
+        return 2
+    if min(align_steps, grounding_steps) < 1 or n_heldout < 2:
+        print("vlmlab demo: --align-steps and --grounding-steps must be >= 1 and --n-heldout >= 2", file=sys.stderr)
+        return 2
     rc = doctor(output_dir=output_dir)
     if rc: return rc
-    print('\n== tiny kit and start-up guards')
-    for fam in VLM_FAMILIES:
-        tok = AutoTokenizer.from_pretrained(tiny_kit(fam))
-        ids = assert_special_tokens(tok, AutoConfig.from_pretrained(tiny_kit(fam)))
-        n = assert_template_matches(tok, fam)
-        print(f"{fam:11} special tokens in sync (<|image_pad|> = {ids[IMAGE_PAD]}), template identical on {n} probes")
-    print(f'\n== a grounding sample ({family})')
-    conv = [{'role': 'user', 'content': [{'type': 'image'}, {'type': 'text', 'text': 'Locate the red square.'}]},
-            {'role': 'assistant', 'content': '[{"bbox_2d": [28, 56, 140, 168], "label": "red square"}]'}]
-    img = np.zeros((224, 280, 3), np.uint8); img[56:168, 28:140] = (220, 30, 30)
-    tok, ip = AutoTokenizer.from_pretrained(tiny_kit(family)), AutoImageProcessor.from_pretrained(tiny_kit(family))
-    text = render_chatml(conv, family)
-    px = ip(images=[Image.fromarray(img)], return_tensors='pt')
-    input_ids = tok(expand_image_pads(text, px['image_grid_thw'], ip.merge_size), add_special_tokens=False)['input_ids']
-    n_img = input_ids.count(tok.convert_tokens_to_ids(IMAGE_PAD))
-    print(text)
-    print(f"tokens {len(input_ids)}, image grid {px['image_grid_thw'].tolist()[0]}, "
-          f"<|image_pad|> x {n_img}, target text {''.join(s.text for s in chatml_segments(conv, family) if s.target)!r}")
-    assert text.startswith(generation_prompt(conv, family))
-    assert n_img == int(px['image_grid_thw'].prod()) // ip.merge_size ** 2
-    print('\n== synthetic shapes -> raw annotation JSON -> ds_output/ (converted for the tiny model)')
-    from vlmlab.data import convert as _convert, make_shapes as _make, validate as _validate
-    from vlmlab.vision import ResizeSpec
-    out = Path(output_dir) / 'demo'
-    _make(out / 'shapes_raw', n=48, seed=0)
-    spec = ResizeSpec.from_pretrained(tiny_kit(family))
-    summary = _convert(out / 'shapes_raw', out / 'ds_output', spec, migrate_old=True, workers=2, progress=False)
-    print(summary)
-    report = _validate(out / 'ds_output', spec, progress=False)
-    print(report)
-    if not (summary.balanced and report.ok): return 1
-    print('\nvlmlab demo: OK')
-    return 0
+    from vlmlab.demo import run_demo
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+    if quiet: hf_logging.disable_progress_bar()
+    summary = run_demo(Path(output_dir) / 'demo', model, data, align_steps, grounding_steps, n_train, n_heldout, progress=not quiet)
+    ok = summary['runs']['align']['ablation']['passed']
+    print(f"\nvlmlab demo: {'OK' if ok else 'FINISHED, but the alignment run does not pass the connector ablation (see its report)'}")
+    return 0 if ok else 1
 
 # %% ../nbs/90_cli.ipynb #90-cli-010
 def resize_spec(family: str = 'qwen2_5_vl', model: str | None = None, min_pixels: int | None = None,
@@ -176,7 +157,7 @@ def convert(input: str, # raw JSON folder or file, LLaVA JSON, or COCO JSON
     except (ValueError, OSError) as e:
         print(f"vlmlab convert: {e}", file=sys.stderr); return 2
     try: summary = _convert(input, out_dir, spec, split, format, workers, migrate_old, image_root, image_format, min_side, not quiet)
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:
         print(f"vlmlab convert: {e}", file=sys.stderr); return 2
     print(summary)
     if summary.rejected: print(f"reasons for each rejected input: {Path(out_dir) / (split + '.rejects.jsonl')}")
@@ -193,7 +174,9 @@ def validate(out_dir: str = 'ds_output', # the converted data folder
             ) -> int:
     "Check converted data: schema, boxes, paths inside ds_output/, resize fingerprints, train/test leakage."
     from vlmlab.data import validate as _validate
-    spec = resize_spec(family, model, min_pixels, max_pixels) if (family or model) else None
+    try: spec = resize_spec(family, model, min_pixels, max_pixels) if (family or model) else None
+    except (ValueError, OSError) as e:
+        print(f"vlmlab validate: {e}", file=sys.stderr); return 2
     report = _validate(out_dir, spec, not skip_images, not quiet)
     print(report)
     return 0 if report.ok else 1

@@ -43,19 +43,23 @@ def mrope_position_ids(mm_token_type_ids: torch.Tensor, # (L,) 0 text, 1 image
         if kind == 0:
             out.append(torch.arange(pos, pos + j - k).expand(3, -1)); pos += j - k
         else:
-            t, h, w = next(grids); h, w = h // spatial_merge_size, w // spatial_merge_size
+            grid = next(grids, None)
+            if grid is None: raise ValueError(f"an image run of {j - k} tokens at position {k} has no image_grid_thw entry")
+            t, h, w = grid; h, w = h // spatial_merge_size, w // spatial_merge_size
             if t * h * w != j - k:
                 raise ValueError(f"an image run of {j - k} tokens does not match its grid ({t}, {h * spatial_merge_size}, {w * spatial_merge_size})")
             tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing='ij')
             out.append(torch.stack([tt.flatten(), hh.flatten(), ww.flatten()]) + pos); pos += max(h, w)
+    if (left := len(list(grids))): raise ValueError(f"{left} image_grid_thw entr{'y' if left == 1 else 'ies'} without image tokens")
     return torch.cat(out, 1)
 
 def packed_position_ids(sample: ProcessedSample, # a processed sample
                         spatial_merge_size: int = 2, # the merger's spatial merge size
                        ) -> torch.Tensor:
     "(4, L) positions of one sample: row 0 text positions 0..L-1, rows 1-3 its mRoPE positions."
-    return torch.cat([torch.arange(len(sample)).unsqueeze(0),
-                      mrope_position_ids(sample.mm_token_type_ids, sample.image_grid_thw, spatial_merge_size)])
+    try: mrope = mrope_position_ids(sample.mm_token_type_ids, sample.image_grid_thw, spatial_merge_size)
+    except ValueError as e: raise CollatorError(f"sample {sample.id!r}: {e}") from None
+    return torch.cat([torch.arange(len(sample)).unsqueeze(0), mrope])
 
 # %% ../nbs/04_collators.ipynb #04-collators-008
 VLMLAB_KEYS = ('label_kind', 'cu_seqlens', 'sample_ids', 'detection_targets')  # batch entries for vlmlab's checks and losses, not the model
@@ -82,6 +86,7 @@ class StandardDataCollator:
 
     def __call__(self, samples: Sequence[ProcessedSample]) -> dict:
         "Collate a list of processed samples into a padded batch."
+        if not samples: raise CollatorError("empty batch: nothing to collate")
         lengths = [len(s) for s in samples]
         L = _round_up(max(lengths), self.pad_to_multiple_of)
         def pad(key, value, dtype):
@@ -131,6 +136,7 @@ class PackedDataCollator:
 
     def __call__(self, samples: Sequence[ProcessedSample]) -> dict:
         "Collate a list of processed samples into one packed row."
+        if not samples: raise CollatorError("empty batch: nothing to pack")
         lengths = [len(s) for s in samples]
         total = sum(lengths)
         if self.max_tokens and total > self.max_tokens:

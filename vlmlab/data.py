@@ -5,13 +5,16 @@
 # %% ../nbs/02_data.ipynb #02-data-003
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
 import math
+import numbers
 import os
 import re
 import shutil
+import tempfile
 import unicodedata
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -59,6 +62,7 @@ def make_shapes(out_dir: str | Path, # folder to write images and raw JSON into
                 exif_rotated: float = 0.15, # fraction of JPEGs stored rotated with an EXIF orientation tag
                 size_range: tuple[int, int] = (160, 480), # range of image sides in pixels
                 max_objects: int = 3, # at most this many shapes per image (at least one)
+                shape_divisors: tuple[int, int] = (8, 3), # a shape's side lies between min(w, h) // a and min(w, h) // b
                ) -> list[Path]:
     "Write a synthetic dataset of coloured shapes in the raw annotation format; return the JSON paths."
     out, rng, paths = Path(out_dir), np.random.default_rng(seed), []
@@ -69,7 +73,7 @@ def make_shapes(out_dir: str | Path, # folder to write images and raw JSON into
         draw, objects, placed = ImageDraw.Draw(img), [], []
         for _ in range(int(rng.integers(1, max_objects + 1))):
             for _try in range(20):
-                s = int(rng.integers(max(12, min(w, h) // 8), max(13, min(w, h) // 3)))
+                s = int(rng.integers(max(12, min(w, h) // shape_divisors[0]), max(13, min(w, h) // shape_divisors[1])))
                 bw, bh = (s, s) if rng.random() < .6 else (s, max(8, s // 2))
                 x1, y1 = int(rng.integers(0, w - bw)), int(rng.integers(0, h - bh))
                 b = [x1, y1, x1 + bw, y1 + bh]
@@ -122,6 +126,7 @@ def read_raw_json(path: str | Path, # a raw annotation JSON file
     try: raw = json.loads(path.read_text(encoding='utf-8'))
     except (OSError, UnicodeDecodeError) as e: raise Reject(f"{path}: cannot read ({e})") from e
     except json.JSONDecodeError as e: raise Reject(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
+    except RecursionError: raise Reject(f"{path}: JSON nested too deeply to read") from None
     if isinstance(raw, list) and not migrate_old:
         raise OldFormatError(f"{path}: old list-shaped raw JSON (the cause of \"'list' object has no attribute 'get'\"). "
                              f"Fix: run `vlmlab clean-raw-json {path.parent}` once, or convert with --migrate-old")
@@ -136,7 +141,7 @@ def clean_raw_dir(folder: str | Path, # folder of raw annotation JSON files
     counts = {'migrated': 0, 'current': 0, 'failed': 0}
     for p in sorted(Path(folder).glob('*.json')):
         try: raw = json.loads(p.read_text(encoding='utf-8'))
-        except (OSError, ValueError): counts['failed'] += 1; continue
+        except (OSError, ValueError, RecursionError): counts['failed'] += 1; continue
         if not isinstance(raw, list): counts['current'] += 1; continue
         try: write_atomic(p, json.dumps(clean_raw_json(raw, p)).encode())
         except Reject: counts['failed'] += 1; continue
@@ -154,8 +159,10 @@ def write_atomic(path: str | Path, # destination
         with open(tmp, 'wb') as f:
             f.write(data); f.flush(); os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e: raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from e   # ENOSPC names no file by itself
     finally:
-        tmp.unlink(missing_ok=True)
+        try: tmp.unlink(missing_ok=True)
+        except OSError: pass
 
 # %% ../nbs/02_data.ipynb #02-data-019
 BOX_TOLERANCE = 0.5  # pixels a box may overshoot the image border (annotation tools round)
@@ -167,8 +174,10 @@ def check_box(bbox: Any, # the box as read from the input
     "Validate one xyxy box against its image; return it as floats clipped to the image, or raise `Reject`."
     if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
         raise Reject(f"{where}: bbox must be 4 numbers [x1, y1, x2, y2], got {bbox!r}")
-    try: b = [float(v) for v in bbox]
-    except (TypeError, ValueError): raise Reject(f"{where}: bbox has a non-number: {bbox!r}") from None
+    try:
+        if not all(isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_)) for v in bbox): raise TypeError
+        b = [float(v) for v in bbox]
+    except (TypeError, ValueError, OverflowError): raise Reject(f"{where}: bbox has a non-number: {bbox!r}") from None
     if not all(math.isfinite(v) for v in b): raise Reject(f"{where}: bbox has a non-finite value: {bbox!r}")
     x1, y1, x2, y2 = b
     if x1 >= x2 or y1 >= y2:
@@ -178,7 +187,10 @@ def check_box(bbox: Any, # the box as read from the input
     w, h = size
     if x1 < -BOX_TOLERANCE or y1 < -BOX_TOLERANCE or x2 > w + BOX_TOLERANCE or y2 > h + BOX_TOLERANCE:
         raise Reject(f"{where}: bbox {bbox!r} lies outside the {w}x{h} image")
-    return [max(0.0, x1), max(0.0, y1), min(float(w), x2), min(float(h), y2)]
+    clipped = [max(0.0, x1), max(0.0, y1), min(float(w), x2), min(float(h), y2)]
+    if clipped[0] >= clipped[2] or clipped[1] >= clipped[3]:   # it lay in the tolerance band only
+        raise Reject(f"{where}: bbox {bbox!r} has no area inside the {w}x{h} image")
+    return clipped
 
 # %% ../nbs/02_data.ipynb #02-data-022
 @dataclass
@@ -221,7 +233,11 @@ def convert_sample(sample: Sample, # the input
         label = o.get('label', o.get('desc', o.get('description')))
         if not isinstance(label, str) or not label.strip(): raise Reject(f"{src} object {k}: missing label/desc text")
         box = check_box(o.get('bbox'), (w, h), f"{src} object {k}")
-        objects.append({'bbox': [round(v, 3) for v in scale_boxes([box], (w, h), (rw, rh))[0].tolist()], 'label': label.strip()})
+        scaled = [round(v, 3) for v in scale_boxes([box], (w, h), (rw, rh))[0].tolist()]
+        if scaled[0] >= scaled[2] or scaled[1] >= scaled[3]:
+            raise Reject(f"{src} object {k}: bbox {o.get('bbox')!r} has no area once scaled to the {rw}x{rh} stored image "
+                         "(thinner than 0.001 px)")
+        objects.append({'bbox': scaled, 'label': label.strip()})
     resized = img if (rw, rh) == (w, h) else img.resize((rw, rh), Image.Resampling.BICUBIC)
     ext = 'jpg' if image_format in ('jpg', 'jpeg') else 'png'
     rel = f"images/{_safe_name(split)}/{_safe_name(sample.id)}.{ext}"
@@ -276,13 +292,16 @@ def read_llava(path: str | Path, # LLaVA-style JSON list
     "Samples from a LLaVA-style conversation JSON."
     path = Path(path); root = Path(image_root) if image_root else path.parent
     try: items = json.loads(path.read_text(encoding='utf-8'))
+    except (OSError, UnicodeDecodeError) as e: raise Reject(f"{path}: cannot read ({e})") from e
     except json.JSONDecodeError as e: raise Reject(f"{path}: malformed JSON at line {e.lineno}: {e.msg}") from e
+    except RecursionError: raise Reject(f"{path}: JSON nested too deeply to read") from None
     if not isinstance(items, list): raise Reject(f"{path}: a LLaVA file is a JSON list of samples")
     for k, it in enumerate(items):
         where = f"{path}[{k}]"
         sid = str(it.get('id', f'{path.stem}-{k}')) if isinstance(it, dict) else f'{path.stem}-{k}'
         try:
             if not isinstance(it, dict) or not isinstance(it.get('image'), str): raise Reject(f"{where}: missing 'image'")
+            if not isinstance(it.get('conversations') or [], list): raise Reject(f"{where}: 'conversations' must be a list of turns")
             yield Sample(sid, where, root / it['image'], [], llava_messages(it.get('conversations') or [], where))
         except Reject as e: yield Sample(sid, where, None, error=str(e))
 
@@ -293,13 +312,24 @@ def read_coco(path: str | Path, # COCO detection JSON
     "Samples from a COCO detection JSON: one per image, boxes converted from [x, y, w, h]."
     path = Path(path); root = Path(image_root) if image_root else path.parent
     try: coco = json.loads(path.read_text(encoding='utf-8'))
+    except (OSError, UnicodeDecodeError) as e: raise Reject(f"{path}: cannot read ({e})") from e
     except json.JSONDecodeError as e: raise Reject(f"{path}: malformed JSON at line {e.lineno}: {e.msg}") from e
+    except RecursionError: raise Reject(f"{path}: JSON nested too deeply to read") from None
     if not isinstance(coco, dict) or not isinstance(coco.get('images'), list):
         raise Reject(f"{path}: not a COCO detection file (no 'images' list)")
-    cats = {c['id']: c['name'] for c in coco.get('categories', [])}
+    is_id = lambda v: isinstance(v, (int, str))
+    cats, anns = coco.get('categories', []), coco.get('annotations', [])
+    if not (isinstance(cats, list) and all(isinstance(c, dict) and is_id(c.get('id')) and isinstance(c.get('name'), str) for c in cats)):
+        raise Reject(f"{path}: 'categories' must be a list of {{'id', 'name'}} objects")
+    if not (isinstance(anns, list) and all(isinstance(a, dict) and is_id(a.get('image_id')) for a in anns)):
+        raise Reject(f"{path}: 'annotations' must be a list of objects with an 'image_id'")
+    cats = {c['id']: c['name'] for c in cats}
     by_image: dict[Any, list] = {}
-    for a in coco.get('annotations', []): by_image.setdefault(a.get('image_id'), []).append(a)
-    for im in coco['images']:
+    for a in anns: by_image.setdefault(a['image_id'], []).append(a)
+    for k, im in enumerate(coco['images']):
+        if not (isinstance(im, dict) and is_id(im.get('id'))):
+            yield Sample(f'{path.stem}-{k}', f"{path} images[{k}]", None, error=f"{path} images[{k}]: an image needs an 'id', got {im!r}"[:300])
+            continue
         sid, where = str(im.get('id')), f"{path} image id {im.get('id')}"
         objs, err = [], None
         for a in by_image.get(im.get('id'), []):
@@ -307,8 +337,10 @@ def read_coco(path: str | Path, # COCO detection JSON
             b = a.get('bbox')
             if not (isinstance(b, list) and len(b) == 4):
                 err = f"{where} annotation {a.get('id')}: bbox must be [x, y, w, h], got {b!r}"; break
-            if a.get('category_id') not in cats:
+            if not is_id(a.get('category_id')) or a.get('category_id') not in cats:
                 err = f"{where} annotation {a.get('id')}: unknown category_id {a.get('category_id')!r}"; break
+            if all(isinstance(v, (int, float)) for v in b) and (b[2] <= 0 or b[3] <= 0):
+                err = f"{where} annotation {a.get('id')}: bbox {b!r} has a width or height <= 0 (COCO boxes are [x, y, w, h])"; break
             objs.append({'bbox': [b[0], b[1], b[0] + b[2], b[1] + b[3]] if all(isinstance(v, (int, float)) for v in b) else b,
                          'label': cats[a['category_id']]})
         fn = im.get('file_name')
@@ -370,7 +402,7 @@ def _iter_samples(inputs: list[Path], fmt: str, migrate_old: bool, image_root) -
             if inp.is_dir(): kind = 'raw'
             else:
                 try: head = json.loads(inp.read_text(encoding='utf-8'))
-                except (OSError, ValueError): head = None
+                except (OSError, ValueError, RecursionError): head = None
                 kind = 'coco' if isinstance(head, dict) and 'annotations' in head else \
                        'llava' if isinstance(head, list) and head and isinstance(head[0], dict) and 'conversations' in head[0] else 'raw'
         try:
@@ -395,7 +427,16 @@ def convert(inputs: str | Path | list, # raw JSON folder(s)/files, a LLaVA JSON 
            ) -> ConversionSummary:
     "Convert annotations into `out_dir/{split}.jsonl` plus resized images; account for every input."
     spec = spec or ResizeSpec.for_family('qwen2_5_vl')
-    out = Path(out_dir); (out / 'images' / split).mkdir(parents=True, exist_ok=True)
+    if not re.fullmatch(r'[A-Za-z0-9_][A-Za-z0-9._-]{0,119}', split):
+        raise ValueError(f"split name {split!r} must be a plain name (letters, digits, '.', '_', '-'; not starting with '.'): "
+                         f"it names {split}.jsonl inside {out_dir}")
+    out = Path(out_dir)
+    try: (out / 'images' / split).mkdir(parents=True, exist_ok=True)
+    except OSError as e: raise OSError(e.errno, f"output directory {out}: cannot create it ({e.strerror})") from None
+    try:
+        with tempfile.TemporaryFile(dir=out / 'images' / split): pass   # writable? (root ignores permissions, not read-only mounts)
+    except OSError as e:
+        raise OSError(e.errno, f"output directory {out}: not writable ({errno.errorcode.get(e.errno, e.errno)}: {e.strerror})") from None
     for stale in list(out.glob('.*.tmp-*')) + list((out / 'images' / split).glob('.*.tmp-*')): stale.unlink(missing_ok=True)
     inputs = [Path(p) for p in (inputs if isinstance(inputs, (list, tuple)) else [inputs])]
     for p in inputs:
@@ -478,8 +519,9 @@ def resolve_inside(root: Path, rel: Any) -> Path:
     if not isinstance(rel, str) or not rel: raise Reject(f"image path must be a non-empty string, got {rel!r}")
     p = Path(rel)
     if p.is_absolute() or '..' in p.parts: raise Reject(f"image path {rel!r} must be relative to ds_output/ without '..'")
-    full = (root / p).resolve()
-    if not full.is_relative_to(root.resolve()): raise Reject(f"image path {rel!r} resolves outside ds_output/ ({full})")
+    try: full, inside = (root / p).resolve(), root.resolve()
+    except (OSError, ValueError, RuntimeError) as e: raise Reject(f"image path {rel!r} cannot be resolved: {e}") from None
+    if not full.is_relative_to(inside): raise Reject(f"image path {rel!r} resolves outside ds_output/ ({full})")
     return full
 
 def check_record(rec: Any, # one parsed JSONL record
@@ -493,7 +535,15 @@ def check_record(rec: Any, # one parsed JSONL record
         if k not in rec: raise Reject(f"missing key {k!r}")
         if not isinstance(rec[k], t): raise Reject(f"key {k!r} has type {type(rec[k]).__name__}")
     if rec['box_format'] != BOX_FORMAT: raise Reject(f"box_format {rec['box_format']!r} is not {BOX_FORMAT!r}")
-    try: recorded = ResizeSpec(**{k: v for k, v in rec['resize'].items() if k != 'fingerprint'})
+    for k in ('orig_size', 'size'):
+        if len(rec[k]) != 2 or not all(type(v) is int and v > 0 for v in rec[k]):
+            raise Reject(f"{k} must be [width, height] as two positive integers, got {rec[k]!r}"[:300])
+    fields = {k: v for k, v in rec['resize'].items() if k != 'fingerprint'}
+    if not isinstance(fields.get('family'), str) or \
+       not all(type(fields.get(k)) is int and fields[k] > 0 for k in ('patch_size', 'merge_size', 'min_pixels', 'max_pixels')):
+        raise Reject(f"resize entry is not a ResizeSpec (family: str; patch_size, merge_size, min_pixels, max_pixels: positive "
+                     f"integers): {rec['resize']!r}"[:300])
+    try: recorded = ResizeSpec(**fields)
     except (TypeError, ValueError) as e: raise Reject(f"resize entry is not a ResizeSpec: {e}") from None
     if recorded.fingerprint != rec['resize'].get('fingerprint'):
         raise Reject(f"resize fingerprint {rec['resize'].get('fingerprint')!r} does not match its own spec ({recorded.fingerprint})")
@@ -506,21 +556,27 @@ def check_record(rec: Any, # one parsed JSONL record
         if check_box(o.get('bbox'), (w, h), f"object {k}") != [float(v) for v in o['bbox']]:
             raise Reject(f"object {k}: bbox {o['bbox']} is outside the {w}x{h} stored image")
     path = resolve_inside(root, rec['image'])
-    if not path.exists(): raise Reject(f"image {rec['image']} is missing from ds_output/ (FileNotFoundError at training time)")
-    if check_images:
-        data = path.read_bytes()
-        if hashlib.sha256(data).hexdigest() != rec['image_sha256']: raise Reject(f"image {rec['image']} changed since conversion (sha256)")
-        with Image.open(io.BytesIO(data)) as im:
-            if list(im.size) != [w, h]: raise Reject(f"image {rec['image']} is {im.size[0]}x{im.size[1]}, the record says {w}x{h}")
+    try:
+        if not path.is_file(): raise Reject(f"image {rec['image']} is missing from ds_output/ (FileNotFoundError at training time)")
+        if check_images:
+            data = path.read_bytes()
+            if hashlib.sha256(data).hexdigest() != rec['image_sha256']: raise Reject(f"image {rec['image']} changed since conversion (sha256)")
+            with Image.open(io.BytesIO(data)) as im:
+                if list(im.size) != [w, h]: raise Reject(f"image {rec['image']} is {im.size[0]}x{im.size[1]}, the record says {w}x{h}")
+    except (OSError, Image.DecompressionBombError) as e: raise Reject(f"image {rec['image']!r} cannot be read: {e}") from None
 
 def read_jsonl(path: str | Path, # a JSONL file
               ) -> Iterator[tuple[int, Any, str | None]]:
     "(line number, parsed value or None, error) for every non-empty line."
-    with open(path, encoding='utf-8') as f:
-        for n, line in enumerate(f, 1):
+    with open(path, 'rb') as f:
+        for n, raw in enumerate(f, 1):
+            try: line = raw.decode('utf-8')
+            except UnicodeDecodeError as e: yield n, None, f"not UTF-8 text (byte {e.start} of the line)"; continue
             if not line.strip(): continue
-            try: yield n, json.loads(line), None
-            except json.JSONDecodeError as e: yield n, None, f"malformed JSON ({e.msg} at column {e.colno})"
+            try: value, err = json.loads(line), None
+            except json.JSONDecodeError as e: value, err = None, f"malformed JSON ({e.msg} at column {e.colno})"
+            except RecursionError: value, err = None, "JSON nested too deeply to read"
+            yield n, value, err
 
 def validate(out_dir: str | Path = 'ds_output', # the ds_output folder
              spec: ResizeSpec | None = None, # the model's spec: every record must carry its fingerprint

@@ -192,7 +192,13 @@ class VLMLabConfig:
     def from_dict(cls, d: dict) -> VLMLabConfig:
         "Build and check a config from a plain dict (as parsed from YAML)."
         cfg = _build(cls, d, '')
-        stage_groups(cfg.stage.trainable or cfg.stage.name)   # unknown stage or group names fail here, named
+        if not cfg.stage.trainable and cfg.stage.name not in STAGES:
+            raise ConfigError(f"stage.name: {cfg.stage.name!r} is not a stage; allowed: {', '.join(sorted(STAGES))} (or list the groups "
+                              "in stage.trainable)")
+        for g in cfg.stage.trainable or []:
+            if g not in MODULE_GROUPS: raise ConfigError(f"stage.trainable: unknown module group {g!r}; allowed: {', '.join(MODULE_GROUPS)}")
+        for g in cfg.stage.lrs:   # a misspelt group would silently train with no learning rate of its own
+            if g not in MODULE_GROUPS: raise ConfigError(f"stage.lrs.{g}: unknown module group; allowed: {', '.join(MODULE_GROUPS)}")
         if cfg.data.target not in ('grounding', 'caption', 'conversation'):
             raise ConfigError(f"data.target: {cfg.data.target!r} is not one of 'grounding', 'caption', 'conversation'")
         if cfg.model.dtype not in ('float32', 'bfloat16'):

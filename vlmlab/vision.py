@@ -139,7 +139,8 @@ class ResizeSpec:
         family = AutoConfig.from_pretrained(name_or_path).model_type
         if family not in FAMILY_PATCH_SIZE:
             raise ValueError(f"{name_or_path} is a {family!r} model; vlmlab supports {sorted(FAMILY_PATCH_SIZE)}")
-        return cls.from_image_processor(AutoImageProcessor.from_pretrained(name_or_path), family)
+        try: return cls.from_image_processor(AutoImageProcessor.from_pretrained(name_or_path), family)
+        except ResizeError as e: raise ResizeError(f"{name_or_path}: its image processor (preprocessor_config.json) is invalid: {e}") from None
 
     def resize(self, height: int, width: int) -> tuple[int, int]:
         "The (height, width) this spec resizes an image to."
