@@ -16,9 +16,9 @@ import torch
 from .chat import ProcessedSample
 
 # %% auto #0
-__all__ = ['VLMLAB_KEYS', 'modality_runs', 'mrope_position_ids', 'packed_position_ids', 'CollatorError', 'StandardDataCollator',
-           'assert_packed_batch', 'PackedDataCollator', 'model_inputs', 'plan_packs', 'packing_stats',
-           'PackedBatchSampler']
+__all__ = ['VLMLAB_KEYS', 'modality_runs', 'mrope_position_ids', 'packed_position_ids', 'CollatorError', 'check_attention_mask',
+           'StandardDataCollator', 'assert_packed_batch', 'PackedDataCollator', 'model_inputs', 'plan_packs',
+           'packing_stats', 'PackedBatchSampler']
 
 # %% ../nbs/04_collators.ipynb #04-collators-006
 def modality_runs(mm_token_type_ids: torch.Tensor, # (L,) token modalities: 0 text, 1 image, 2 video
@@ -78,6 +78,16 @@ def _pixels(samples: Sequence[ProcessedSample]) -> dict:
 def _round_up(n: int, multiple: int | None) -> int:
     return n if not multiple else -(-n // multiple) * multiple
 
+def check_attention_mask(mask: torch.Tensor, # (B, L) attention mask of a padded batch
+                         lengths: Sequence[int], # token count of each row's sample
+                        ) -> None:
+    "Check the seeds' contract: a boolean mask, each row exactly its sample's tokens, then padding."
+    if mask.dtype != torch.bool: raise CollatorError(f"attention_mask has dtype {mask.dtype}, expected torch.bool")
+    if mask.sum(1).tolist() != list(lengths):
+        raise CollatorError(f"attention_mask rows hold {mask.sum(1).tolist()} true values, the samples have {list(lengths)} tokens")
+    for i, n in enumerate(lengths):
+        if not bool(mask[i, :n].all()): raise CollatorError(f"attention_mask row {i}: its {n} true values are not the first {n} positions")
+
 @dataclass
 class StandardDataCollator:
     "Pad samples to the batch's longest (optionally to a multiple), with a boolean attention mask."
@@ -98,8 +108,7 @@ class StandardDataCollator:
         batch = {'input_ids': pad('input_ids', self.pad_token_id, torch.long), 'attention_mask': mask,
                  'labels': pad('labels', -100, torch.long), 'mm_token_type_ids': pad('mm_token_type_ids', 0, torch.int32),
                  'label_kind': pad('label_kind', 0, torch.int32), **_pixels(samples), 'sample_ids': [s.id for s in samples]}
-        if mask.sum(1).tolist() != lengths:   # the seeds' contract: exactly seq_len true values per row
-            raise CollatorError(f"attention_mask rows hold {mask.sum(1).tolist()} true values, the samples have {lengths} tokens")
+        check_attention_mask(mask, lengths)
         for k in ('labels', 'mm_token_type_ids', 'label_kind'):
             if batch[k].shape != batch['input_ids'].shape: raise CollatorError(f"{k} has shape {tuple(batch[k].shape)}")
         return batch
