@@ -560,6 +560,13 @@ def _facts(run: Mapping, run_dir: Path) -> str:
     return _table(None, rows)
 
 # %% ../nbs/09_report.ipynb #09-report-045
+def _seed_ratio_line(v: Verdict, judged: set) -> tuple[bool, str]:
+    "The summary line of an lr·|grad|/|W| verdict: informational for a group whose applied step is logged (Adam: 08_diagnostics)."
+    if v.ok or v.subject not in judged:
+        return v.ok, f"{'OK  ' if v.ok else 'FLAG'} {v.subject} update ratio lr·|grad|/|W|: {v.verdict} - {v.cause}"
+    return True, (f"INFO {v.subject} update ratio lr·|grad|/|W|: {v.verdict} (the seeds' SGD formula; under Adam it understates "
+                  f"the step, so this group is judged by its applied step |ΔW|/|W|)")
+
 def write_report(run_dir: str | Path, # a `vlmlab train` output folder
                  out_dir: str | Path | None = None, # where index.html and the PNGs go (default: RUN_DIR/report)
                  data: DataReport | None = None, # truncation and label coverage over the dataset (data_report), if computed
@@ -587,7 +594,7 @@ def write_report(run_dir: str | Path, # a `vlmlab train` output folder
     counters = _data_counters(logs)
     data_v = [v for v in [_data_verdict(counters, TRUNCATION_LIMIT)] if v is not None]
     summary = ([(v.ok, str(v)) for v in loss_v] + [(v.ok, f"{'OK  ' if v.ok else 'FLAG'} {v.subject} gradient norm: {v.verdict} - {v.cause}") for v in grad_v]
-               + [(v.ok, f"{'OK  ' if v.ok else 'FLAG'} {v.subject} update ratio lr·|grad|/|W|: {v.verdict} - {v.cause}") for v in ur_v]
+               + [_seed_ratio_line(v, {s.subject for s in sr_v}) for v in ur_v]
                + [(v.ok, f"{'OK  ' if v.ok else 'FLAG'} {v.subject} applied step |ΔW|/|W|: {v.verdict} - {v.cause}") for v in sr_v]
                + [(v.ok, str(v)) for v in data_v] + [(False, f"FLAG data: {a}") for a in (data.advice() if data else [])])
     if rec is not None:
