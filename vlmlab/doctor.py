@@ -109,11 +109,13 @@ def _try_write(d: Path, nbytes: int) -> str | None:
         return f"{errno.errorcode.get(e.errno, e.errno)}: {e.strerror}" if e.errno else str(e)
     return None
 
-def writable_alternative(exclude: Path | None = None) -> Path | None:
+def writable_alternative(exclude: Path | None = None, # the directory that failed (never suggested)
+                         nbytes: int = 2 ** 20, # size of the test file: the one the failed directory could not take
+                        ) -> Path | None:
     "A directory this process can write to, for the error message."
     for cand in (Path(tempfile.gettempdir()) / 'vlmlab', Path.home() / 'vlmlab', Path.cwd() / 'vlmlab-out'):
         if exclude is not None and cand.resolve() == Path(exclude).resolve(): continue
-        if _try_write(cand, 1024) is None: return cand
+        if _try_write(cand, nbytes) is None: return cand
     return None
 
 def check_writable(path: str | Path, # directory that must take writes
@@ -129,7 +131,7 @@ def check_writable(path: str | Path, # directory that must take writes
         ok = free >= min_free_gib
         return Check(f'{label} writable', ok, f"{p} ({free:.1f} GiB free)",
                      f"free at least {min_free_gib} GiB or point {label} elsewhere", data=dict(path=str(p), free_gib=round(free, 2)))
-    alt = writable_alternative(p)
+    alt = writable_alternative(p, probe_bytes)
     return Check(f'{label} writable', False, f"{p}: {err}",
                  (f"write to {alt} instead (e.g. --output-dir {alt})" if alt else "no writable directory found: check permissions and quotas"),
                  data=dict(path=str(p), error=err, alternative=str(alt) if alt else None))

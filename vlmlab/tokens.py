@@ -20,13 +20,13 @@ import torch
 __all__ = ['QWEN_ENDOFTEXT_ID', 'SPECIAL_TOKENS', 'SPECIAL_BY_TEXT', 'ENDOFTEXT', 'IM_START', 'IM_END', 'OBJECT_REF_START',
            'OBJECT_REF_END', 'BOX_START', 'BOX_END', 'QUAD_START', 'QUAD_END', 'VISION_START', 'VISION_END',
            'VISION_PAD', 'IMAGE_PAD', 'VIDEO_PAD', 'CONFIG_TOKEN_FIELDS', 'QWEN_DEFAULT_SYSTEM', 'CHAT_FORMATS',
-           'ROLES', 'PROBE_CONVERSATIONS', 'CHAT_MARKUP', 'SENTINEL_PROMPTS', 'SENTINEL_RULES', 'DEFAULT_FEWSHOT_POOL',
-           'SpecialToken', 'SpecialTokenError', 'special_token_ids', 'assert_special_tokens', 'ChatFormat',
-           'chat_format', 'qwen_chat_template', 'Segment', 'chatml_segments', 'render_chatml', 'generation_prompt',
-           'TemplateDriftError', 'first_difference', 'assert_template_matches', 'image_token_count',
-           'expand_image_pads', 'mm_token_type_ids', 'encode_chatml', 'ChatMarkupError', 'as_base_tokenizer',
-           'assert_no_chat_markup', 'encode_base', 'SentinelReport', 'sentinel_report', 'base_generate',
-           'FewShotExample', 'CompletionPrompts']
+           'ROLES', 'PROBE_CONVERSATIONS', 'PLACEHOLDER_PATTERNS', 'CHAT_MARKUP', 'SENTINEL_PROMPTS', 'SENTINEL_RULES',
+           'DEFAULT_FEWSHOT_POOL', 'SpecialToken', 'SpecialTokenError', 'special_token_ids', 'assert_special_tokens',
+           'ChatFormat', 'chat_format', 'qwen_chat_template', 'Segment', 'chatml_segments', 'render_chatml',
+           'generation_prompt', 'TemplateDriftError', 'first_difference', 'assert_template_matches',
+           'image_token_count', 'expand_image_pads', 'mm_token_type_ids', 'PlaceholderError', 'find_placeholders',
+           'assert_no_placeholders', 'encode_chatml', 'ChatMarkupError', 'as_base_tokenizer', 'assert_no_chat_markup',
+           'encode_base', 'SentinelReport', 'sentinel_report', 'base_generate', 'FewShotExample', 'CompletionPrompts']
 
 # %% ../nbs/00_tokens.ipynb #00-tokens-007
 QWEN_ENDOFTEXT_ID = 151643  # id of `<|endoftext|>` in every released Qwen2 / Qwen2.5 / Qwen3 checkpoint
@@ -301,6 +301,33 @@ def mm_token_type_ids(input_ids: torch.Tensor, # token ids, any shape
     types[input_ids == config.image_token_id] = 1
     types[input_ids == config.video_token_id] = 2
     return types
+
+# %% ../nbs/00_tokens.ipynb #00-tokens-111
+class PlaceholderError(ValueError):
+    "Text that still holds a template placeholder nobody filled."
+
+PLACEHOLDER_PATTERNS = {
+    'format field': re.compile(r'\{[A-Za-z_][A-Za-z0-9_]*\}'),    # {instruction}: a str.format / f-string field left unfilled
+    'jinja': re.compile(r'\{\{.*?\}\}|\{%.*?%\}', re.S),        # {{ x }} / {% ... %}: template code in the text
+    'media tag': re.compile(r'<(?:image|video)>'),                  # LLaVA-style tag never turned into an image part
+}
+
+def find_placeholders(text: str, # rendered prompt, training text or generated text
+                     ) -> list[tuple[str, str, int]]:
+    "Every unfilled placeholder in `text`: (kind, the placeholder, character position)."
+    found = [(kind, m.group(), m.start()) for kind, rx in PLACEHOLDER_PATTERNS.items() for m in rx.finditer(text)]
+    return sorted(found, key=lambda f: f[2])
+
+def assert_no_placeholders(text: str, # rendered prompt, training text or generated text
+                           sample_id: Any = None, # sample id named in the error
+                          ) -> str:
+    "Refuse text that still holds a template placeholder (`{instruction}`, `{{ x }}`, `<image>`); return it unchanged."
+    found = find_placeholders(text)
+    if found:
+        where = ', '.join(f"{kind} {ph!r} at character {i}" for kind, ph, i in found[:5])
+        raise PlaceholderError(f"sample {sample_id!r}: unfilled placeholder(s): {where}. A template was not filled "
+                               "(an f-string without its f?), or an <image> tag was copied as text instead of an image part.")
+    return text
 
 # %% ../nbs/00_tokens.ipynb #00-tokens-039
 def encode_chatml(tokenizer, # the model's tokenizer
