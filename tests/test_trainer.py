@@ -254,3 +254,13 @@ def test_evaluation_split_and_merged_lora_export(ds, tmp_path):
     with torch.no_grad():
         diff = (loaded.eval()(**inputs).logits - vlm(**inputs).logits).abs().max().item()
     assert diff < 1e-4, diff
+
+
+def test_evaluation_of_a_packed_run(ds, tmp_path):
+    "With packing on, the evaluation split (plain samples) is collated into packed rows and evaluated."
+    cfg = config(ds, tmp_path / 'run', max_steps=1)
+    cfg.data.eval_split, cfg.data.packing, cfg.data.max_tokens = 'train', True, 4096
+    tr = build_trainer(cfg, progress=False)
+    tr.train()
+    ev = tr.evaluate()
+    assert ev['eval_loss'] > 0 and torch.isfinite(torch.tensor(ev['eval_loss'])), ev

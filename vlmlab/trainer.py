@@ -81,7 +81,7 @@ class TrainingCollator:
 
     def __call__(self, items: list) -> dict:
         "A padded batch, or one packed row, from the dataset's items."
-        samples = [s for pack in items for s in pack] if self.packed else list(items)
+        samples = [s for it in items for s in (it if isinstance(it, (list, tuple)) else [it])]   # packs (training) or samples (evaluation)
         pad = self.tokenizer.pad_token_id
         if self.packed:
             batch = PackedDataCollator(pad, self.max_tokens * len(items) if self.max_tokens else None, self.spatial_merge_size)(samples)
@@ -96,7 +96,8 @@ def prepare_data(cfg: VLMLabConfig, # the run's config
                 ) -> tuple[Dataset, Dataset | None, ChatProcessor]:
     "Validate ds_output, process every training record once, and return the train / eval datasets and the processor."
     d, root = cfg.data, Path(cfg.data.ds_output)
-    spec = ResizeSpec.from_image_processor(model.image_processor, model.family)
+    try: spec = ResizeSpec.from_image_processor(model.image_processor, model.family)
+    except ValueError as e: raise DataError(f"{cfg.model.name_or_path}: its image processor: {e}") from None
     report = validate(root, spec, check_images=True, progress=progress)
     if not report.ok: raise DataError(f"{root} does not pass validation for this model:\n{report}")
     def records(split):
