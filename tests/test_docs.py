@@ -39,7 +39,7 @@ window.addEventListener('load', () => {
 # `nbdev_docs` (its exec_show_docs step) executes every cell that mixes imports with other code when it builds the
 # Quarto site. These notebooks had such cells when this test was written (07_trainer's `slow` TensorBoard cell reads a
 # variable of another slow cell, so it fails there); split them, then drop the names. No notebook may add new ones.
-KNOWN_MIXED_IMPORT_CELLS = {'06_model.ipynb', '07_trainer.ipynb', '08_diagnostics.ipynb', '90_cli.ipynb'}
+KNOWN_MIXED_IMPORT_CELLS: set[str] = set()
 
 
 def test_no_new_cells_mix_imports_with_code():
