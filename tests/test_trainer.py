@@ -231,6 +231,15 @@ def test_cli_train_refuses_bad_setups_before_step_0(ds, tmp_path, vlmlab_bin):
     assert r.returncode == 2 and 'no {split}.jsonl files' in r.stderr and not (tmp_path / 'out' / 'checkpoint-1').exists(), r.stderr
 
 
+
+def trained_and_evaluated(cfg):
+    "A trainer built from `cfg`, trained, then evaluated: its evaluation loss must be finite and positive."
+    tr = build_trainer(cfg, progress=False)
+    tr.train()
+    ev = tr.evaluate()
+    assert ev['eval_loss'] > 0 and torch.isfinite(torch.tensor(ev['eval_loss'])), ev
+    return tr
+
 @pytest.mark.slow
 def test_evaluation_split_and_merged_lora_export(ds, tmp_path):
     "An eval split runs through compute_loss, and a LoRA run's export loads with from_pretrained and computes what the trainer's model does."
@@ -239,10 +248,7 @@ def test_evaluation_split_and_merged_lora_export(ds, tmp_path):
     from vlmlab.trainer import export_model
     cfg = config(ds, tmp_path / 'run', max_steps=3)
     cfg.data.eval_split, cfg.stage.lora, cfg.stage.lora_r = 'train', True, 4
-    tr = build_trainer(cfg, progress=False)
-    tr.train()
-    ev = tr.evaluate()
-    assert ev['eval_loss'] > 0 and torch.isfinite(torch.tensor(ev['eval_loss'])), ev
+    tr = trained_and_evaluated(cfg)
     vlm = tr.model.vlm.eval()
     assert any(float(p.detach().abs().max()) > 0 for n, p in vlm.named_parameters() if 'lora_B' in n), 'the adapters did not train'
     export_model(tr.model, tmp_path / 'final')
@@ -260,7 +266,4 @@ def test_evaluation_of_a_packed_run(ds, tmp_path):
     "With packing on, the evaluation split (plain samples) is collated into packed rows and evaluated."
     cfg = config(ds, tmp_path / 'run', max_steps=1)
     cfg.data.eval_split, cfg.data.packing, cfg.data.max_tokens = 'train', True, 4096
-    tr = build_trainer(cfg, progress=False)
-    tr.train()
-    ev = tr.evaluate()
-    assert ev['eval_loss'] > 0 and torch.isfinite(torch.tensor(ev['eval_loss'])), ev
+    trained_and_evaluated(cfg)

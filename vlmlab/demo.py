@@ -5,26 +5,22 @@
 # %% ../nbs/10_demo.ipynb #10-demo-004
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .data import convert, make_shapes, read_jsonl, validate, write_atomic
-from .detection import (GroundingParseError, baseline_predictions, detector_predictions, evaluate_detections,
-                              grounding_to_pixels, ground_truth, parse_grounding)
+from .detection import baseline_predictions, detector_predictions, evaluate_detections, ground_truth, text_predictions
 from .diagnostics import connector_ablation
-from .model import ModelConfig, VLMLabConfig, load_model, resolve_model_path
+from .model import VLMLabConfig, resolve_model_path
 from .report import heldout_samples, load_eval_model, save_ablation, write_report
-from .trainer import train_from_config
+from .trainer import load_detector, train_from_config
 from .vision import ResizeSpec
 
 # %% auto #0
-__all__ = ['DEMO_SHAPES', 'demo_data', 'demo_configs', 'load_detector', 'text_predictions', 'evaluate_heldout', 'run_demo']
+__all__ = ['DEMO_SHAPES', 'demo_data', 'demo_configs', 'evaluate_heldout', 'run_demo']
 
 # %% ../nbs/10_demo.ipynb #10-demo-006
 DEMO_SHAPES = dict(max_objects=2, shape_divisors=(3, 2), size_range=(84, 126))
@@ -81,46 +77,6 @@ def demo_configs(out: str | Path, # the demo folder
     return align, grounding
 
 # %% ../nbs/10_demo.ipynb #10-demo-010
-def load_detector(folder: str | Path, # a final/ export with detection_head.safetensors beside the model
-                  model: ModelConfig, # the run's model config (head sizes)
-                 ):
-    "The exported VLM with its detection head, in eval mode."
-    from safetensors.torch import load_file
-    folder = Path(folder)
-    det = load_model(ModelConfig(**{**model.__dict__, 'name_or_path': str(folder), 'detection_head': True}))
-    det.head.load_state_dict(load_file(str(folder / 'detection_head.safetensors')))
-    return det.eval()
-
-@torch.no_grad()
-def text_predictions(detector, # a VLMDetector (its VLM generates)
-                     records: list[dict], # converted records (stored images)
-                     ds_root: str | Path, # the ds_output folder
-                     prompt: str, # the grounding question, as in training
-                     max_new_tokens: int = 96, # longest answer
-                    ) -> tuple[list[dict], int]:
-    "Boxes the LM writes for each record (stored-image pixels) and the number of answers that did not parse."
-    from vlmlab.data import resolve_inside
-    from vlmlab.tokens import expand_image_pads, mm_token_type_ids, render_chatml
-    from vlmlab.vision import load_image
-    vlm, tok, ip, fam = detector.vlm, detector.tokenizer, detector.image_processor, detector.family
-    preds, unparsed = [], 0
-    for r in records:
-        img = load_image(resolve_inside(Path(ds_root), r['image']))
-        px = ip(images=[img], return_tensors='pt')
-        msgs = [{'role': 'user', 'content': [{'type': 'image'}, {'type': 'text', 'text': prompt}]}]
-        ids = torch.tensor([tok(expand_image_pads(render_chatml(msgs, fam, add_generation_prompt=True), px['image_grid_thw'],
-                                                  ip.merge_size), add_special_tokens=False)['input_ids']])
-        gen = vlm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=px['pixel_values'],
-                           image_grid_thw=px['image_grid_thw'], mm_token_type_ids=mm_token_type_ids(ids, vlm.config),
-                           max_new_tokens=max_new_tokens, do_sample=False)
-        text = tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=False).split('<|im_end|>')[0]
-        try: objs = parse_grounding(text, fam)
-        except GroundingParseError: objs, unparsed = [], unparsed + 1
-        size = tuple(r['size'])
-        boxes = grounding_to_pixels(objs, fam, size, size)
-        preds.append({'boxes': boxes.tolist(), 'scores': [1.0] * len(objs), 'labels': [o['label'] for o in objs]})
-    return preds, unparsed
-
 def evaluate_heldout(final: str | Path, # the grounding run's final/ export
                      cfg: VLMLabConfig, # the grounding run's config
                      split: str = 'heldout', # the held-out split of cfg.data.ds_output

@@ -22,15 +22,16 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
 from .collators import modality_runs
-from .tokens import BOX_END, BOX_START, OBJECT_REF_END, OBJECT_REF_START, mm_token_type_ids
+from .tokens import BOX_END, BOX_START, IM_END, OBJECT_REF_END, OBJECT_REF_START, mm_token_type_ids
 from .vision import boxes_from_model, scale_boxes
 
 # %% auto #0
 __all__ = ['EPS', 'box_cxcywh_to_xyxy', 'box_xyxy_to_cxcywh', 'box_area', 'box_iou', 'generalized_box_iou', 'sigmoid_focal_loss',
            'HungarianMatcher', 'sine_xy_embedding', 'image_token_xy', 'MLP', 'DetectionHead', 'DetectionLossConfig',
            'num_boxes_global', 'DetectionLoss', 'check_loss_balance', 'GroundingParseError', 'parse_grounding',
-           'grounding_to_pixels', 'evaluate_detections', 'detection_targets', 'lm_loss_terms', 'VLMDetector', 'detect',
-           'train_detector', 'detector_predictions', 'ground_truth', 'baseline_predictions']
+           'grounding_to_pixels', 'evaluate_detections', 'detection_targets', 'lm_loss_terms', 'VLMDetector',
+           'prompt_inputs', 'detect', 'train_detector', 'detector_predictions', 'text_predictions', 'ground_truth',
+           'baseline_predictions']
 
 # %% ../nbs/05_detection.ipynb #05-detection-006
 EPS = 1e-7
@@ -489,6 +490,22 @@ class VLMDetector(nn.Module):
         return res
 
 # %% ../nbs/05_detection.ipynb #05-detection-038
+def prompt_inputs(detector: VLMDetector, # supplies the tokenizer, image processor, family and device
+                  image, # PIL image (RGB)
+                  prompt: str, # the user's question
+                 ) -> dict:
+    "Model inputs for one image and a question, rendered with the generation prompt exactly as in training."
+    from vlmlab.tokens import render_chatml, expand_image_pads
+    px = detector.image_processor(images=[image], return_tensors='pt')
+    msgs = [{'role': 'user', 'content': [{'type': 'image'}, {'type': 'text', 'text': prompt}]}]
+    text = expand_image_pads(render_chatml(msgs, detector.family, add_generation_prompt=True), px['image_grid_thw'],
+                             detector.image_processor.merge_size)
+    ids = torch.tensor([detector.tokenizer(text, add_special_tokens=False)['input_ids']])
+    dev = next(detector.parameters()).device
+    return {'input_ids': ids.to(dev), 'attention_mask': torch.ones_like(ids, dtype=torch.bool).to(dev),
+            'mm_token_type_ids': mm_token_type_ids(ids, detector.vlm.config).to(dev),
+            'pixel_values': px['pixel_values'].to(dev), 'image_grid_thw': px['image_grid_thw'].to(dev)}
+
 @torch.no_grad()
 def detect(detector: VLMDetector, # a trained detector
            image, # PIL image (any size; the processor resizes it)
@@ -497,20 +514,12 @@ def detect(detector: VLMDetector, # a trained detector
            max_detections: int = 100, # keep at most this many
           ) -> list[dict]:
     "Boxes (xyxy, original pixels), scores and captions for one image."
-    from vlmlab.tokens import render_chatml, expand_image_pads
     from vlmlab.vision import to_rgb
     image = to_rgb(image)
     detector.eval()
-    px = detector.image_processor(images=[image], return_tensors='pt')
-    msgs = [{'role': 'user', 'content': [{'type': 'image'}, {'type': 'text', 'text': prompt}]}]
-    text = expand_image_pads(render_chatml(msgs, detector.family, add_generation_prompt=True), px['image_grid_thw'],
-                             detector.image_processor.merge_size)
-    ids = torch.tensor([detector.tokenizer(text, add_special_tokens=False)['input_ids']])
-    mm = mm_token_type_ids(ids, detector.vlm.config)
-    dev = next(detector.parameters()).device
-    batch = {'input_ids': ids.to(dev), 'attention_mask': torch.ones_like(ids, dtype=torch.bool).to(dev), 'mm_token_type_ids': mm.to(dev),
-             'label_kind': torch.zeros_like(mm).to(dev), 'pixel_values': px['pixel_values'].to(dev), 'image_grid_thw': px['image_grid_thw'].to(dev)}
-    pred = detector(batch)
+    batch = prompt_inputs(detector, image, prompt)
+    pred = detector({**batch, 'label_kind': torch.zeros_like(batch['mm_token_type_ids'])})
+    dev = batch['input_ids'].device
     scores = pred['pred_logits'][0].sigmoid()
     keep = (scores >= threshold).nonzero().flatten()
     keep = keep[scores[keep].argsort(descending=True)][:max_detections]
@@ -552,6 +561,29 @@ def detector_predictions(detector: VLMDetector, records: Sequence[dict], ds_root
         d = detect(detector, load_image(resolve_inside(Path(ds_root), r['image'])), prompt, threshold)
         out.append({'boxes': [x['bbox'] for x in d], 'scores': [x['score'] for x in d], 'labels': [x['caption'] for x in d]})
     return out
+
+@torch.no_grad()
+def text_predictions(detector: VLMDetector, # a VLMDetector (its VLM generates; no head needed)
+                     records: Sequence[dict], # converted records (stored images)
+                     ds_root, # the ds_output folder
+                     prompt: str, # the grounding question, as in training
+                     max_new_tokens: int = 96, # longest answer
+                    ) -> tuple[list[dict], int]:
+    "Text-path predictions: the boxes the LM writes for each record (stored-image pixels), and how many answers did not parse."
+    from vlmlab.data import resolve_inside
+    from vlmlab.vision import load_image
+    detector.eval()
+    preds, unparsed = [], 0
+    for r in records:
+        batch = prompt_inputs(detector, load_image(resolve_inside(Path(ds_root), r['image'])), prompt)
+        gen = detector.vlm.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
+        text = detector.tokenizer.decode(gen[0, batch['input_ids'].shape[1]:], skip_special_tokens=False).split(IM_END)[0]
+        try: objs = parse_grounding(text, detector.family)
+        except GroundingParseError: objs, unparsed = [], unparsed + 1
+        size = tuple(r['size'])
+        preds.append({'boxes': grounding_to_pixels(objs, detector.family, size, size).tolist(), 'scores': [1.0] * len(objs),
+                      'labels': [o['label'] for o in objs]})
+    return preds, unparsed
 
 def ground_truth(records: Sequence[dict]) -> list[dict]:
     "Ground truth of converted records for `evaluate_detections`."

@@ -29,15 +29,15 @@ from .chat import ChatError, ChatProcessor, ChatStats
 from .collators import PackedDataCollator, StandardDataCollator, packing_stats, plan_packs
 from .data import read_jsonl, validate, write_atomic
 from .detection import VLMDetector, detection_targets
-from .model import (ConfigError, VLMLabConfig, add_lora, apply_stage, assert_trainable_set, group_parameters, load_model,
+from .model import (ConfigError, ModelConfig, VLMLabConfig, add_lora, apply_stage, assert_trainable_set, group_parameters, load_model,
                           stage_groups)
 from .vision import ResizeSpec
 
 # %% auto #0
 __all__ = ['LOSS_TERMS', 'COMPLETE_MARKER', 'WEIGHTS_NAME', 'DataError', 'SampleDataset', 'PackDataset', 'TrainingCollator',
            'prepare_data', 'NonFiniteError', 'checkpoint_complete', 'last_good_checkpoint', 'load_checkpoint_weights',
-           'merge_lora', 'export_model', 'ConsoleProgressCallback', 'BBUTrainer', 'training_arguments', 'build_trainer',
-           'train_from_config']
+           'merge_lora', 'export_model', 'load_detector', 'ConsoleProgressCallback', 'BBUTrainer', 'training_arguments',
+           'build_trainer', 'train_from_config']
 
 # %% ../nbs/07_trainer.ipynb #07-trainer-005
 LOSS_TERMS = ('loss', 'lm_loss', 'teacher_lm_loss', 'student_lm_loss', 'detection_loss', 'bbox_l1', 'bbox_giou', 'objectness', 'caption')
@@ -189,6 +189,15 @@ def export_model(model: VLMDetector, # a trained model
         save_file({k: v.detach().contiguous().cpu() for k, v in model.head.state_dict().items()}, str(folder / 'detection_head.safetensors'))
     model.tokenizer.save_pretrained(folder); model.image_processor.save_pretrained(folder)
     return folder
+
+def load_detector(folder: str | Path, # an export_model folder with detection_head.safetensors beside the model
+                  model: ModelConfig, # the run's model config (head sizes)
+                 ) -> VLMDetector:
+    "The exported VLM with its detection head (the inverse of `export_model`), in eval mode."
+    folder = Path(folder)
+    det = load_model(ModelConfig(**{**model.__dict__, 'name_or_path': str(folder), 'detection_head': True}))
+    det.head.load_state_dict(load_file(str(folder / 'detection_head.safetensors')))
+    return det.eval()
 
 def _total_norm(tensors: list) -> torch.Tensor | None:
     "L2 norm of a list of tensors (DTensors gathered), None for an empty list."
