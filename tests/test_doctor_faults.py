@@ -3,6 +3,7 @@ import errno
 import os
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -44,3 +45,27 @@ def test_hanging_import_is_killed_quickly():
 def test_probe_without_marker_fails():
     c = doctor.check_torch(code='print("hello")')
     assert not c.ok and 'failed' in c.detail
+
+
+def test_model_check_is_skipped_when_torch_does_not_import(tmp_path, monkeypatch):
+    "The model check imports torch in-process: after a hung probe it must not run (it would hang the doctor)."
+    monkeypatch.setattr(doctor, 'check_torch', lambda timeout: doctor.Check('torch import', False, 'hung'))
+    monkeypatch.setattr(doctor, 'check_model', lambda name: pytest.fail('check_model ran although torch does not import'))
+    checks = doctor.run_doctor(tmp_path / 'runs', tmp_path / 'cache', model='tiny-kit/qwen2_vl')
+    assert checks[-1].name == 'model tokens' and not checks[-1].ok and 'not checked' in checks[-1].detail
+
+
+@pytest.mark.parametrize('name', ['./runs/x', 'runs/x', '/abs/nowhere', '~/nowhere', 'owner/name/extra'])
+def test_path_like_model_names_never_reach_the_hub(tmp_path, monkeypatch, name):
+    "Checked with the Hub allowed: a lookup of a missing folder as a repo id would take a minute of retries, or fail differently."
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv('HF_HUB_OFFLINE', raising=False)
+    (tmp_path / 'runs').mkdir()
+    t0 = time.time()
+    c = doctor.check_model(name)
+    assert not c.ok and 'no such model folder' in c.detail and time.time() - t0 < 10
+
+
+def test_kit_names_pass():
+    c = doctor.check_model('tiny-kit/qwen2_vl')
+    assert c.ok and c.data['model_type'] == 'qwen2_vl'

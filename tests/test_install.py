@@ -36,7 +36,7 @@ def test_non_editable_install(tmp_path):
     assert Path(r.stdout.strip()).is_relative_to(venv), f'imported from {r.stdout.strip()}, not the installed package'
     exe = venv / 'bin' / 'vlmlab'
     assert exe.exists()
-    r = subprocess.run([str(exe), 'doctor', '--json', '--output-dir', str(tmp_path / 'runs')],
+    r = subprocess.run([str(exe), 'doctor', '--json', '--out', str(tmp_path / 'runs')],
                        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert json.loads(r.stdout)['ok'] is True

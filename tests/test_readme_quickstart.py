@@ -1,4 +1,4 @@
-"""The README's quick start runs as written (smaller sizes and two training steps)."""
+"""The README's quick start runs as written (smaller sizes and two training steps), and its configs chain."""
 import re
 import shlex
 import shutil
@@ -6,6 +6,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
+from vlmlab.model import VLMLabConfig, stage_groups
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -17,10 +19,21 @@ def quickstart_commands() -> list[list[str]]:
     return [shlex.split(line.split('#')[0]) for line in block.splitlines() if line.strip().startswith('vlmlab ')]
 
 
+def test_quickstart_trains_the_language_then_stage1_only_the_merger():
+    "The configs the quick start trains, in order: the LLM alone, then stage 1 from its export (the merger alone)."
+    cfgs = [VLMLabConfig.from_yaml(REPO / c[c.index('--config') + 1]) for c in quickstart_commands() if c[1] == 'train']
+    assert [stage_groups(c.stage.trainable or c.stage.name) for c in cfgs] == [('llm',), ('merger',)]
+    language, stage1 = cfgs
+    assert Path(stage1.model.name_or_path) == Path(language.training.output_dir) / 'final'
+    assert stage1.stage.name == 'stage1' and stage1.data.target == language.data.target == 'caption'
+    ablate = next(c for c in quickstart_commands() if c[1] == 'ablate')
+    assert Path(ablate[ablate.index('--model') + 1]) == Path(stage1.training.output_dir) / 'final'
+
+
 @pytest.mark.slow
 def test_readme_quickstart_runs(vlmlab_bin, tmp_path):
     cmds = quickstart_commands()
-    assert [c[1] for c in cmds] == ['make-shapes', 'make-shapes', 'convert', 'convert', 'validate', 'train', 'ablate', 'report']
+    assert [c[1] for c in cmds] == ['make-shapes', 'make-shapes', 'convert', 'convert', 'validate', 'train', 'train', 'ablate', 'report']
     shutil.copytree(REPO / 'configs', tmp_path / 'configs')
     small = {'320': '16', '64': '4'}
     for cmd in cmds:

@@ -177,8 +177,65 @@ def test_bad_input_exits_2_naming_it(inputs, capsys, args, message):
 def test_report_refuses_a_malformed_ablation_record(inputs, capsys):
     (inputs / 'run' / 'ablation.json').write_text(json.dumps({'format': ABLATION_FORMAT, 'passed': True, 'losses': {'correct': [1.0]}}))
     assert main(['report', str(inputs / 'run')]) == 2
-    err = capsys.readouterr().err
-    assert 'ablation.json' in err and "'losses'" in err
+    err = capsys.readouterr().err.strip()
+    assert 'ablation.json' in err and len(err.splitlines()) == 1, err
+    for key in ('n', 'confidence', 'mean_loss', 'deltas', 'losses.shuffled', 'losses.zero', 'losses.noise'): assert key in err, (key, err)
     (inputs / 'run' / 'ablation.json').unlink()
     assert main(['report', str(inputs / 'run')]) == 0     # the minimal log alone makes a page
     assert capsys.readouterr().out.strip() == str(inputs / 'run' / 'report' / 'index.html')
+
+
+@pytest.mark.parametrize('drop', ['deltas', 'mean_loss', 'losses', 'passed', 'format'])
+def test_ablation_record_without_a_key_names_it(work, ablated, tmp_path, drop):
+    rec = json.loads((work / 'run' / 'ablation.json').read_text())
+    f = tmp_path / 'ablation.json'
+    f.write_text(json.dumps({k: v for k, v in rec.items() if k != drop}))
+    with pytest.raises(ValueError) as e: load_ablation(f)
+    msg = str(e.value)
+    assert f"missing key(s) {drop}" in msg and str(f) in msg and len(msg.splitlines()) == 1, msg
+    f.write_text(json.dumps({**rec, 'deltas': {**rec['deltas'], 'noise': {'mean': 0.1}}}))
+    with pytest.raises(ValueError, match=r"missing key\(s\) deltas\.noise\.low, deltas\.noise\.high"): load_ablation(f)
+
+
+def _flat_run(root: Path, step_key: str | None, step: float) -> str:
+    "A run whose loss never falls; the merger's applied step logged under step_key; the page's summary section."
+    rng = np.random.default_rng(1)
+    root.mkdir()
+    logs = [{'step': s + 1, 'loss': 5.0 + 0.02 * rng.standard_normal(), 'grad_norm/merger': 0.3, 'update_ratio/merger': 1e-5,
+             **({step_key: step} if step_key else {})} for s in range(60)]
+    (root / 'metrics.json').write_text(json.dumps({'log_history': logs}))
+    return re.search(r'<section id="summary">.*?</section>', write_report(root).read_text(), re.S).group(0)
+
+
+@pytest.mark.parametrize('step', [1e-4, 3e-3, 0.5])
+def test_plateau_never_says_nothing_trains_when_a_group_moved(tmp_path, step):
+    summary = _flat_run(tmp_path / 'run', 'step_ratio/merger', step)
+    assert 'plateau' in summary and 'nothing trains' not in summary, summary
+    assert 'although parameters moved' in summary and f"merger {step:.2g}" in summary
+
+
+def test_plateau_says_nothing_trains_when_the_step_confirms_it(tmp_path):
+    frozen = _flat_run(tmp_path / 'frozen', 'step_ratio/merger', 1e-9)
+    assert 'nothing trains' in frozen and 'confirms it' in frozen
+    unmeasured = _flat_run(tmp_path / 'unmeasured', None, 0)   # no applied-step log: the candidate list stays as it is
+    assert 'nothing trains' in unmeasured and 'confirms it' not in unmeasured and 'although' not in unmeasured
+
+
+def test_eval_loader_names_a_missing_folder_without_the_hub(tmp_path, monkeypatch):
+    import huggingface_hub
+    from vlmlab.model import ModelNotFoundError
+    from vlmlab.report import load_eval_model
+    def no_hub(*a, **k): raise AssertionError('the Hub was called for a local path')
+    for name in ('hf_hub_download', 'snapshot_download'): monkeypatch.setattr(huggingface_hub, name, no_hub)
+    with pytest.raises(ModelNotFoundError, match='no such model folder'): load_eval_model(tmp_path / 'nope' / 'final')
+
+
+def test_eval_loader_refuses_a_corrupted_export(work, tmp_path):
+    from vlmlab.model import CheckpointError
+    from vlmlab.report import load_eval_model
+    final = tmp_path / 'final'
+    shutil.copytree(work / 'run' / 'final', final)
+    f = max(final.glob('*.safetensors'), key=lambda p: p.stat().st_size)
+    data = bytearray(f.read_bytes()); data[-64:] = bytes(64)   # same size, different bytes
+    f.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f.name): load_eval_model(final)

@@ -147,15 +147,21 @@ def test_fp16_warns(ds, tmp_path):
 
 
 def test_incomplete_checkpoint_is_never_last(tmp_path):
-    (tmp_path / 'checkpoint-4').mkdir()
-    (tmp_path / 'checkpoint-4' / 'model.safetensors').write_bytes(b'x' * 10)
-    assert last_good_checkpoint(tmp_path) is None
-    good = tmp_path / 'checkpoint-2'; good.mkdir(); (good / 'model.safetensors').write_bytes(b'y' * 5)
+    from safetensors.torch import save_file
     from vlmlab.trainer import _write_marker
+    (tmp_path / 'checkpoint-4').mkdir()
+    save_file({'w': torch.ones(8)}, str(tmp_path / 'checkpoint-4' / 'vlmlab_model.safetensors'))
+    assert last_good_checkpoint(tmp_path) is None   # no marker yet: the save did not finish
+    good = tmp_path / 'checkpoint-2'; good.mkdir(); save_file({'w': torch.zeros(8)}, str(good / 'vlmlab_model.safetensors'))
     _write_marker(good, 2)
     assert last_good_checkpoint(tmp_path) == str(good)
     _write_marker(tmp_path / 'checkpoint-4', 4)
-    (tmp_path / 'checkpoint-4' / 'model.safetensors').write_bytes(b'x' * 3)   # truncated after the marker
+    assert last_good_checkpoint(tmp_path) == str(tmp_path / 'checkpoint-4')
+    f = tmp_path / 'checkpoint-4' / 'vlmlab_model.safetensors'
+    f.write_bytes(f.read_bytes()[:-3])   # truncated after the marker
+    assert last_good_checkpoint(tmp_path) == str(good)
+    _write_marker(tmp_path / 'checkpoint-4', 4)
+    f.write_bytes(f.read_bytes()[:-4] + b'\xff\xff\xff\xff')   # same size, other content
     assert last_good_checkpoint(tmp_path) == str(good)
 
 
@@ -218,7 +224,7 @@ def test_torchrun_two_processes_log_the_same_terms_as_one(ds, tmp_path, vlmlab_b
 
 def test_cli_train_refuses_bad_setups_before_step_0(ds, tmp_path, vlmlab_bin):
     r = subprocess.run([vlmlab_bin, 'train'], capture_output=True, text=True)
-    assert r.returncode == 2 and '--config is required' in r.stderr
+    assert r.returncode == 2 and '--config' in r.stderr and 'required' in r.stderr, r.stderr
     bad = tmp_path / 'bad.yaml'; bad.write_text('training: {epoch: 2}\n')
     r = subprocess.run([vlmlab_bin, 'train', '--config', str(bad)], capture_output=True, text=True)
     assert r.returncode == 2 and "training.epoch: unknown key (did you mean 'epochs'?)" in r.stderr

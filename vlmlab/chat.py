@@ -22,11 +22,12 @@ from PIL import Image, ImageDraw
 from .tokens import (ENDOFTEXT, IMAGE_PAD, IM_END, IM_START, OBJECT_REF_START, OBJECT_REF_END, BOX_START, BOX_END,
                            VISION_START, VISION_END, VIDEO_PAD, VISION_PAD, chatml_segments, image_token_count, mm_token_type_ids)
 from .vision import ResizeSpec, assert_image_tokens, boxes_to_model, load_image
-from .data import resolve_inside
+from .data import record_images, resolve_inside
 
 # %% auto #0
 __all__ = ['DEFAULT_GROUNDING_PROMPT', 'DEFAULT_CAPTION_PROMPT', 'TOKEN_ROLES', 'LABEL_KIND', 'ROLE_COLORS', 'grounding_text',
-           'caption_text', 'ProcessedSample', 'ChatError', 'ChatStats', 'ChatProcessor', 'sample_image', 'sample_html']
+           'caption_text', 'ProcessedSample', 'ChatError', 'ChatStats', 'ChatProcessor', 'check_vision_parts',
+           'sample_image', 'sample_html']
 
 # %% ../nbs/03_chat.ipynb #03-chat-006
 DEFAULT_GROUNDING_PROMPT = 'Locate every object in the image and output its bounding box and label.'
@@ -41,7 +42,7 @@ def grounding_text(objects: Sequence[dict], # record objects: {'bbox': xyxy resi
     if family == 'qwen2_vl':
         return ''.join(f"{OBJECT_REF_START}{o['label']}{OBJECT_REF_END}{BOX_START}({b[0]},{b[1]}),({b[2]},{b[3]}){BOX_END}"
                        for o, b in zip(objects, boxes)) or 'None'
-    return json.dumps([{'bbox_2d': b, 'label': o['label']} for o, b in zip(objects, boxes)])
+    return json.dumps([{'bbox_2d': b, 'label': o['label']} for o, b in zip(objects, boxes)], ensure_ascii=False)  # labels as written
 
 def caption_text(objects: Sequence[dict]) -> str:
     "A plain caption listing the objects ('a red square and a blue circle')."
@@ -95,6 +96,9 @@ def _markup_in_text(rec: dict) -> str | None:
         texts += [c] if isinstance(c, str) else [p.get('text') for p in c if isinstance(p, dict)] if isinstance(c, list) else []
     return next((f"{t} in {x[:80]!r}" for x in texts if isinstance(x, str) for t in _MARKUP_TOKENS if t in x), None)
 
+def _shape(n: int) -> str: return 'text-only' if n == 0 else f"a {n}-image record"
+def _which(k: int, n: int) -> str: return f" image {k + 1} of {n}" if n > 1 else ''
+
 @dataclass
 class ChatStats:
     "Per-epoch counters of the stage-1 runbook: truncation, samples without labels, label tokens."
@@ -132,7 +136,7 @@ class ChatProcessor:
                  family: str, # model family: qwen2_vl, qwen2_5_vl or qwen3_vl
                  ds_root: str | Path, # the ds_output folder the records' image paths are relative to
                  max_length: int = 4096, # most tokens per sample; text after the last image may be cut, images never
-                 target: str = 'grounding', # 'grounding' (boxes in the family's format), 'caption', or 'conversation'
+                 target: str = 'grounding', # 'grounding' (boxes in the family's format) or 'caption': one-image records; 'conversation': any
                  prompt: str | None = None, # the user's question (default: per target)
                  teacher_ratio: float = 0.0, # probability that a sample gets teacher demonstrations
                  n_teachers: int = 1, # demonstrations per sample when it gets them
@@ -158,24 +162,42 @@ class ChatProcessor:
             if not record.get('conversations'):
                 raise ChatError(f"sample {record['id']!r}: target 'conversation' but the record has no conversations")
             return record['conversations']
+        if (n := len(self._images(record))) != 1:
+            raise ChatError(f"sample {record['id']!r}: target {self.target!r} needs a one-image record (its objects are boxes in that "
+                            f"image), this one is {_shape(n)}; train such records with target 'conversation', or leave them out")
         answer = grounding_text(record['objects'], tuple(record['size']), self.family) if self.target == 'grounding' \
                  else caption_text(record['objects'])
         return [{'role': 'user', 'content': [{'type': 'image'}, {'type': 'text', 'text': self.prompt}]},
                 {'role': 'assistant', 'content': answer}]
+
+    def usable(self, record: dict) -> bool:
+        "Whether this target can make an example of `record` (grounding and caption need one image)."
+        try: return self.target == 'conversation' or len(self._images(record)) == 1
+        except ChatError: return False
 
     def teachers_for(self, record: dict, epoch: int = 0) -> list[dict]:
         "The teacher records that precede `record` this epoch (reproducible from seed, epoch and id)."
         if not self.teacher_ratio: return []
         rng = random.Random(hashlib.sha256(f"{self.seed}:{epoch}:{record['id']}".encode()).hexdigest())
         if rng.random() >= self.teacher_ratio: return []
-        pool = [r for r in self.teacher_pool if r['id'] != record['id']]
+        pool = [r for r in self.teacher_pool if r['id'] != record['id'] and self.usable(r)]
         return rng.sample(pool, min(self.n_teachers, len(pool)))
 
-    def _load(self, rec: dict) -> Image.Image:
+    def _images(self, rec: dict) -> list[dict]:
+        "The record's image entries, in placeholder order (`record_images`), its errors naming the sample."
+        try: return record_images(rec)
+        except ValueError as e: raise ChatError(f"sample {rec.get('id')!r}: {e}") from None
+
+    def _load(self, rec: dict) -> list[Image.Image]:
+        "The record's stored images, after checking they were made with this processor's resize spec."
+        entries = self._images(rec)
+        if not entries: return []
         self.spec.check(rec['resize'], rec['id'])
-        try: path = resolve_inside(self.ds_root, rec['image'])
-        except ValueError as e: raise ChatError(f"sample {rec['id']!r}: {e}") from None
-        return load_image(path)
+        out = []
+        for k, e in enumerate(entries):
+            try: out.append(load_image(resolve_inside(self.ds_root, e.get('image'))))
+            except ValueError as err: raise ChatError(f"sample {rec['id']!r}{_which(k, len(entries))}: {err}") from None
+        return out
 
     def __call__(self, record: dict, # a record of ds_output/{split}.jsonl
                  epoch: int = 0, # epoch (changes the teacher draw)
@@ -183,21 +205,24 @@ class ChatProcessor:
         "Process one record; raises `ChatError` (or a resize / image-token error) naming the sample."
         sid = record['id']
         examples = [(t, 'teacher') for t in self.teachers_for(record, epoch)] + [(record, 'student')]
-        messages, owners, images = [], [], []
+        messages, owners, images, entries = [], [], [], []   # entries: (record, k, n, image entry) per image, in order
         for rec, owner in examples:
             msgs = self.example_messages(rec)
             if (markup := _markup_in_text(rec)):
                 raise ChatError(f"sample {rec['id']!r}: the special token {markup} is plain text in the data; the tokenizer would "
                                 "read it as chat markup (an early <|im_end|>, a stray image token): remove it from the labels / texts")
-            n_img = sum(1 for m in msgs if not isinstance(m['content'], str) for p in m['content'] if p.get('type') == 'image')
-            if n_img != 1: raise ChatError(f"sample {rec['id']!r}: {n_img} image placeholders in its messages, expected 1")
-            messages += msgs; owners += [owner] * len(msgs); images.append(self._load(rec))
-        px = self.image_processor(images=images, return_tensors='pt')
-        grids = px['image_grid_thw']
-        for (rec, _), g in zip(examples, grids.tolist()):
-            if [g[2] * self.spec.patch_size, g[1] * self.spec.patch_size] != list(rec['size']):
-                raise ChatError(f"sample {rec['id']!r}: the processor resized the stored {rec['size'][0]}x{rec['size'][1]} image "
-                                f"again (grid {g}): the boxes no longer match the pixels")
+            ents = self._images(rec)
+            check_vision_parts(rec, msgs, ents, self.family)
+            messages += msgs; owners += [owner] * len(msgs); images += self._load(rec)
+            entries += [(rec, k, len(ents), e) for k, e in enumerate(ents)]
+        pixel_values = grids = None
+        if images:   # a text-only sample has no pixels at all (no dummy image: nothing for labels or positions to account for)
+            px = self.image_processor(images=images, return_tensors='pt')
+            pixel_values, grids = px['pixel_values'], px['image_grid_thw']
+            for (rec, k, n, e), g in zip(entries, grids.tolist()):
+                if [g[2] * self.spec.patch_size, g[1] * self.spec.patch_size] != list(e['size']):
+                    raise ChatError(f"sample {rec['id']!r}{_which(k, n)}: the processor resized the stored {e['size'][0]}x{e['size'][1]} "
+                                    f"image again (grid {g}): the boxes no longer match the pixels")
         # the text, with each image expanded, and the character range of every segment
         text, ranges = '', []
         for seg in chatml_segments(messages, self.family):
@@ -213,7 +238,7 @@ class ChatProcessor:
         pieces = [text[a:b] for a, b in offsets]
         truncated = 0
         if len(ids) > self.max_length:
-            last_vision = max(k for k, i in enumerate(ids) if i in self.vision_ids)
+            last_vision = max((k for k, i in enumerate(ids) if i in self.vision_ids), default=-1)
             if last_vision >= self.max_length:
                 self.stats.samples += 1; self.stats.truncated += 1
                 raise ChatError(f"sample {sid!r}: {len(ids)} tokens > max_length {self.max_length}, and the cut would go through "
@@ -231,7 +256,7 @@ class ChatProcessor:
                             "a sample without targets teaches nothing and would give a NaN loss alone in a batch")
         if any(int(i) in self.vision_ids for i in labels[labels != -100]):
             raise ChatError(f"sample {sid!r}: labels contain vision special tokens")
-        assert_image_tokens(ids, grids.tolist(), self.tokenizer, self.merge_size, sid)
+        assert_image_tokens(ids, [] if grids is None else grids.tolist(), self.tokenizer, self.merge_size, sid)
         self.stats.label_tokens += int((labels != -100).sum())
         spans = {'teacher': [], 'student': []}
         for k in (1, 2):
@@ -241,8 +266,33 @@ class ChatProcessor:
                 if spans[owner] and spans[owner][-1][1] == p: spans[owner][-1] = (spans[owner][-1][0], p + 1)
                 else: spans[owner].append((p, p + 1))
         mm = mm_token_type_ids(input_ids, self)
-        return ProcessedSample(sid, input_ids, labels, mm, kind, px['pixel_values'], grids, spans, roles, truncated,
-                               images, record['objects'], pieces)
+        return ProcessedSample(sid, input_ids, labels, mm, kind, pixel_values, grids, spans, roles, truncated,
+                               images, record.get('objects') or [], pieces)
+
+# %% ../nbs/03_chat.ipynb #03-chat-011b
+def check_vision_parts(record: dict, # the record the messages come from (named in errors)
+                       messages: Sequence[dict], # the messages of its example
+                       images: Sequence[dict], # its image entries (`record_images`), in placeholder order
+                       family: str = 'qwen2_vl', # model family whose renderer places the images
+                      ) -> None:
+    "Refuse messages whose image parts are not the record's images one to one, or are videos or sit in a system turn."
+    sid = record.get('id')
+    try: segs = chatml_segments(messages, family)   # the renderer's own reading of the parts (also {'image': ...}, {'image_url': ...})
+    except (TypeError, ValueError) as e: raise ChatError(f"sample {sid!r}: {e}") from None
+    vis = [s for s in segs if s.kind in ('image', 'video')]
+    if (v := next((s for s in vis if s.kind == 'video'), None)):
+        raise ChatError(f"sample {sid!r}: message {v.message} holds a video part; vlmlab trains on images only (records store no "
+                        "videos and the collators compute no video mRoPE): drop the video or store its frames as images")
+    if len(vis) != len(images):
+        raise ChatError(f"sample {sid!r}: its messages hold {len(vis)} image part(s) but the record has {len(images)} image(s); "
+                        "every stored image needs exactly one {'type': 'image'} part, in the same order")
+    if (v := next((s for s in vis if s.role == 'system'), None)):
+        raise ChatError(f"sample {sid!r}: image {v.index + 1} is in the system message; Qwen3-VL's chat template refuses that and "
+                        "the others would show it before every conversation: move it into a user message")
+    if record.get('objects') and len(images) != 1:
+        raise ChatError(f"sample {sid!r}: {len(record['objects'])} grounding objects on {_shape(len(images))}; objects are boxes in "
+                        "one image and exist only for one-image records: drop them, or split the record into one-image records")
+
 
 # %% ../nbs/03_chat.ipynb #03-chat-013
 ROLE_COLORS = {'prompt': '#eeeeee', 'image': '#f6d28b', 'teacher': '#a8d8ff', 'student': '#9fe3a4', 'pad': '#ffffff'}
@@ -251,22 +301,30 @@ def _png_b64(img: Image.Image) -> str:
     buf = io.BytesIO(); img.save(buf, format='PNG'); return base64.b64encode(buf.getvalue()).decode()
 
 def sample_image(sample: ProcessedSample, # a processed sample
-                 width: int = 320, # display width
-                ) -> Image.Image:
-    "The student image with its boxes drawn."
-    img = sample.images[-1].copy(); d = ImageDraw.Draw(img)
-    for o in sample.objects:
-        d.rectangle(o['bbox'], outline=(0, 0, 0), width=2); d.text((o['bbox'][0] + 2, o['bbox'][1] + 1), o['label'], fill=(0, 0, 0))
-    return img.resize((width, max(1, round(img.height * width / img.width))))
+                 width: int = 320, # display width of each image
+                ) -> Image.Image | None:
+    "The sample's images side by side in order, the student's boxes drawn on its image; None for a text-only sample."
+    thumbs = []
+    for k, im in enumerate(sample.images):
+        img = im.copy()
+        if k == len(sample.images) - 1:   # objects exist only for a one-image student record: its image comes last
+            d = ImageDraw.Draw(img)
+            for o in sample.objects:
+                d.rectangle(o['bbox'], outline=(0, 0, 0), width=2); d.text((o['bbox'][0] + 2, o['bbox'][1] + 1), o['label'], fill=(0, 0, 0))
+        thumbs.append(img.resize((width, max(1, round(img.height * width / img.width)))))
+    if len(thumbs) <= 1: return thumbs[0] if thumbs else None
+    strip = Image.new('RGB', (sum(t.width for t in thumbs) + 6 * (len(thumbs) - 1), max(t.height for t in thumbs)), 'white')
+    for k, t in enumerate(thumbs): strip.paste(t, (k * (width + 6), 0))
+    return strip
 
 def sample_html(sample: ProcessedSample) -> str:
-    "HTML: the image with its boxes and the tokens coloured by role."
+    "HTML: the images (boxes drawn) and the tokens coloured by role."
     spans, k = [], 0
     while k < len(sample.roles):
         r = sample.roles[k]
         if r == 'image':
-            j = k
-            while j < len(sample.roles) and sample.roles[j] == 'image': j += 1
+            j = k + 1   # one vision span: <|vision_start|> ... <|vision_end|> (two images may touch)
+            while j < len(sample.roles) and sample.roles[j] == 'image' and sample.pieces[j - 1] != VISION_END: j += 1
             body = f"{html.escape(sample.pieces[k])}&lt;|image_pad|&gt;×{j - k - 2}{html.escape(sample.pieces[j - 1])}"
             k_next = j
         else:
@@ -274,8 +332,11 @@ def sample_html(sample: ProcessedSample) -> str:
         spans.append(f'<span title="{r}" style="background:{ROLE_COLORS[r]};border-right:1px solid #fff">{body}</span>')
         k = k_next
     legend = ' '.join(f'<span style="background:{c};padding:0 4px">{r}</span>' for r, c in ROLE_COLORS.items() if r != 'pad')
-    return (f'<div style="display:flex;gap:12px;font-family:monospace;font-size:12px"><img src="data:image/png;base64,'
-            f'{_png_b64(sample_image(sample))}"/><div><b>{html.escape(sample.id)}</b>: {len(sample)} tokens, '
+    img = sample_image(sample)
+    img = f'<img src="data:image/png;base64,{_png_b64(img)}"/>' if img is not None else ''
+    n_img = 0 if sample.image_grid_thw is None else len(sample.image_grid_thw)
+    return (f'<div style="display:flex;gap:12px;font-family:monospace;font-size:12px">{img}<div><b>{html.escape(sample.id)}</b>: '
+            f'{n_img} image(s), {len(sample)} tokens, '
             f'{sample.n_label_tokens} with labels{", " + str(sample.truncated) + " truncated" if sample.truncated else ""}'
             f'<br>{legend}<hr>{"".join(spans)}</div></div>')
 

@@ -7,75 +7,156 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
+import dataclasses
 import inspect
 import io
+import json
 import os
+import shlex
+import signal
 import sys
 from pathlib import Path
 from typing import Callable
 
 from fastcore.docments import docments
 
+from . import __version__
 from .doctor import doctor_json, doctor_report, run_doctor
 
 # %% auto #0
-__all__ = ['COMMANDS', 'FLAG_NAMES', 'command', 'command_parser', 'doctor', 'demo', 'resize_spec', 'make_shapes',
-           'clean_raw_json', 'convert', 'validate', 'train', 'report', 'ablate', 'evaluate', 'benchmarks_root', 'bench',
-           'build_parser', 'main']
+__all__ = ['COMMANDS', 'FLAG_NAMES', 'DEPRECATED_FLAGS', 'INPUT_FLAGS', 'command', 'HiddenAliasFormatter', 'CommandParser',
+           'command_parser', 'user_error', 'one_line', 'quiet_progress', 'doctor', 'demo', 'resize_spec',
+           'model_tokenizer', 'make_shapes', 'clean_raw_json', 'convert', 'validate', 'resume_command', 'train',
+           'report', 'ablate', 'evaluate', 'benchmarks_root', 'bench', 'build_parser', 'main', 'grammar',
+           'grammar_markdown']
 
 # %% ../nbs/90_cli.ipynb #90-cli-005
 COMMANDS: dict[str, Callable[..., int]] = {}
-FLAG_NAMES = {'as_json': '--json', 'out_dir': '--out'}  # parameter -> flag, where the natural name is taken or long
+FLAG_NAMES = {'as_json': '--json'}  # parameter -> flag, where the natural name is a Python keyword or builtin
+DEPRECATED_FLAGS = {'out': ('--output-dir', '--out-dir')}  # parameter -> old spellings of an output folder, accepted (hidden) with a note
 
 def command(f: Callable[..., int] | None = None, # the command function
             name: str | None = None, # the command's name (default: the function's, underscores become dashes)
+            deprecated: dict[str, tuple[str, ...]] | None = None, # this command's old spellings, over DEPRECATED_FLAGS
            ) -> Callable:
     "Register `f` as a subcommand: `@command` names it after the function, `@command(name='eval')` as given."
-    if f is None: return lambda g: command(g, name)
+    if f is None: return lambda g: command(g, name, deprecated)
+    f.deprecated_flags = {**DEPRECATED_FLAGS, **(deprecated or {})}
     COMMANDS[name or f.__name__.replace('_', '-')] = f
     return f
+
+# %% ../nbs/90_cli.ipynb #90-cli-041
+class HiddenAliasFormatter(argparse.HelpFormatter):
+    "Help that shows an option's current spelling only, not its deprecated aliases."
+    def _format_action_invocation(self, action):
+        if getattr(action, 'deprecated', ()):
+            action = copy.copy(action)
+            action.option_strings = [s for s in action.option_strings if s not in action.deprecated]
+        return super()._format_action_invocation(action)
+
+class CommandParser(argparse.ArgumentParser):
+    "An argparse parser with one-line errors (exit 2) that notes each deprecated option spelling it is given."
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault('allow_abbrev', False)
+        kwargs.setdefault('formatter_class', HiddenAliasFormatter)
+        super().__init__(*args, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        given = args[:args.index('--')] if '--' in args else args
+        for a in self._actions:
+            for old in getattr(a, 'deprecated', ()):
+                if any(s == old or s.startswith(old + '=') for s in given):
+                    print(f"{self.prog}: note: {old} is deprecated, use {a.option_strings[0]}", file=sys.stderr)
+        return super().parse_known_args(args, namespace)
+
+    def error(self, message: str):
+        names = {'/'.join(a.option_strings) or a.metavar or a.dest: a for a in self._actions}
+        lead = 'the following arguments are required: '
+        if message.startswith(lead):   # say what each missing one is, from its docment
+            message = '; '.join(f"{(names[n].option_strings or [n])[0]} is required" + (f": {names[n].help}" if n in names and names[n].help else '')
+                                for n in message[len(lead):].split(', '))
+        for n, a in names.items():   # name an option by its current spelling, not with its hidden aliases
+            if getattr(a, 'deprecated', ()): message = message.replace(n, a.option_strings[0])
+        self.exit(2, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
 
 def command_parser(f: Callable, # a function with type hints and docments
                    parser: argparse.ArgumentParser | None = None, # parser to fill (default: a new one)
                   ) -> argparse.ArgumentParser:
-    "An argparse parser built from `f`'s signature and docments."
-    p = parser or argparse.ArgumentParser(prog=f.__name__)
+    "An argparse parser built from `f`'s signature and docments; a keyword-only parameter without a default is required."
+    p = parser or CommandParser(prog=f.__name__)
     p.description = (inspect.getdoc(f) or '').splitlines()[0]
-    docs = docments(f, full=True)
+    docs, old_flags = docments(f, full=True), getattr(f, 'deprecated_flags', DEPRECATED_FLAGS)
+    required = p.add_argument_group('required options')
     for name, prm in inspect.signature(f).parameters.items():
-        info, flag = docs[name], FLAG_NAMES.get(name, '--' + name.replace('_', '-'))
-        helptext = info['docment'] or ''
-        anno = info['anno']
-        if prm.default is inspect.Parameter.empty:
-            p.add_argument(name, metavar=name.upper(), help=helptext)
-        elif anno is bool or anno == 'bool' or isinstance(prm.default, bool):
-            p.add_argument(flag, dest=name, action='store_true', help=helptext)
-        elif str(anno).startswith('list'):   # list[str]: one or more values after the flag
-            p.add_argument(flag, dest=name, nargs='+', default=prm.default, help=helptext)
+        info, need = docs[name], prm.default is inspect.Parameter.empty
+        helptext, anno = info['docment'] or '', info['anno']
+        if need and prm.kind is not inspect.Parameter.KEYWORD_ONLY:
+            p.add_argument(name, metavar=name.upper(), help=helptext); continue
+        flag = FLAG_NAMES.get(name, '--' + name.replace('_', '-'))
+        kw = dict(dest=name, help=helptext)
+        if anno is bool or anno == 'bool' or isinstance(prm.default, bool): kw['action'] = 'store_true'
+        elif str(anno).startswith('list'): kw['nargs'] = '+'   # list[str]: one or more values after the flag
         else:
-            typ = {'int': int, 'float': float}.get(str(anno).split(' ')[0], None) or (anno if anno in (int, float) else str)
-            p.add_argument(flag, dest=name, type=typ, default=prm.default,
-                           help=helptext + ('' if prm.default is None else f" (default: {prm.default})"))
+            kw['type'] = {'int': int, 'float': float}.get(str(anno).split(' ')[0], None) or (anno if anno in (int, float) else str)
+            if not need and prm.default is not None: kw['help'] += f" (default: {prm.default})"
+        if need: kw['required'] = True
+        else: kw['default'] = prm.default
+        old = tuple(o for o in old_flags.get(name, ()) if o != flag)
+        action = (required if need else p).add_argument(flag, *old, **kw)
+        action.deprecated = old
     return p
+
+# %% ../nbs/90_cli.ipynb #90-cli-043
+def user_error(e: BaseException, # an exception a command raised
+              ) -> bool:
+    "Is `e` a problem with the input or the machine (one line, exit 2), not a bug in vlmlab (a traceback)?"
+    return isinstance(e, (OSError, ValueError)) or any(c.__module__.split('.')[0] == 'vlmlab' for c in type(e).__mro__)
+
+def one_line(e: BaseException) -> str:
+    "An error's message on one line (its lines joined with '; ')."
+    return '; '.join(l.strip() for l in str(e).splitlines() if l.strip()) or type(e).__name__
+
+@contextlib.contextmanager
+def quiet_progress():
+    "Within: no progress bars from transformers and huggingface_hub either (weight loading), as --quiet promises."
+    old = os.environ.get('HF_HUB_DISABLE_PROGRESS_BARS')
+    os.environ['HF_HUB_DISABLE_PROGRESS_BARS'] = '1'   # read when huggingface_hub is imported during the command
+    if 'transformers.utils.logging' in sys.modules: sys.modules['transformers.utils.logging'].disable_progress_bar()
+    try: yield
+    finally:   # the variable is restored; libraries imported meanwhile stay quiet (they read it once)
+        if old is None: os.environ.pop('HF_HUB_DISABLE_PROGRESS_BARS', None)
+        else: os.environ['HF_HUB_DISABLE_PROGRESS_BARS'] = old
+
+def _fail(cmd: str, e: BaseException) -> int:
+    "Print a command's error (it names the file or option) on one line and return the bad-input status 2."
+    print(f"vlmlab {cmd}: {one_line(e)}", file=sys.stderr)
+    return 2
 
 # %% ../nbs/90_cli.ipynb #90-cli-006
 @command
-def doctor(output_dir: str = 'runs', # directory training runs will write to; checked for writability and free space
+def doctor(*,
+           out: str = 'runs', # folder training runs will write to; checked for writability and free space
            cache_dir: str = None, # vlmlab cache directory (default: $VLMLAB_CACHE or ~/.cache/vlmlab)
-           model: str = None, # hub id or local checkpoint: check its tokenizer's special tokens and chat template against its config
+           model: str = None, # a model folder, tiny-kit/<family> or hub id: check its tokenizer's special tokens and chat template against its config
            timeout: float = 60.0, # seconds allowed for `import torch` (run in a subprocess) before it is reported as hung
            as_json: bool = False, # print the report as JSON for machines instead of text
           ) -> int:
     "Check the environment before a run: versions, torch import, devices, writable directories, model tokens."
-    checks = run_doctor(output_dir, cache_dir, model, timeout)
+    if model:
+        from vlmlab.model import resolve_model_path   # here: it imports torch, which the doctor probes in a subprocess first
+        model = resolve_model_path(model)
+    checks = run_doctor(out, cache_dir, model, timeout)
     print(doctor_json(checks) if as_json else doctor_report(checks))
     return 0 if all(c.ok for c in checks) else 1
 
 # %% ../nbs/90_cli.ipynb #90-cli-008
-@command
-def demo(output_dir: str = 'runs', # the demo writes OUTPUT_DIR/demo (checked by the doctor first)
+@command(deprecated={'raw': ('--data',)})
+def demo(*,
+         out: str = 'runs', # the demo writes OUT/demo (checked by the doctor first)
          model: str = 'tiny-kit/qwen2_5_vl', # the model to start from: tiny-kit/<family>, a folder or a hub id (real models: on a GPU)
-         data: str = None, # a raw annotation folder (JSON + images) instead of the synthetic shapes
+         raw: str = None, # a raw annotation folder (JSON + images) to convert instead of the synthetic shapes
          align_steps: int = 300, # optimizer steps of the caption (alignment) run
          grounding_steps: int = 300, # optimizer steps of the grounding + detection head run
          n_train: int = 320, # synthetic training images
@@ -84,36 +165,69 @@ def demo(output_dir: str = 'runs', # the demo writes OUTPUT_DIR/demo (checked by
         ) -> int:
     "Run the end-to-end demo: data, alignment and grounding runs, evaluation, connector ablation and HTML reports."
     if model.startswith('tiny-kit/') and model.split('/', 1)[1] not in ('qwen2_vl', 'qwen2_5_vl', 'qwen3_vl'):
-        print(f"vlmlab demo: unknown --model {model!r}; the tiny kit has tiny-kit/qwen2_vl, tiny-kit/qwen2_5_vl and tiny-kit/qwen3_vl", file=sys.stderr)
-        return 2
-    if data is not None and not Path(data).is_dir():
-        print(f"vlmlab demo: --data {data}: no such folder (raw annotation JSON files with their images)", file=sys.stderr)
-        return 2
+        raise ValueError(f"unknown --model {model!r}; the tiny kit has tiny-kit/qwen2_vl, tiny-kit/qwen2_5_vl and tiny-kit/qwen3_vl")
+    if raw is not None and not Path(raw).is_dir():
+        raise FileNotFoundError(f"--raw {raw}: no such folder (raw annotation JSON files with their images)")
     if min(align_steps, grounding_steps) < 1 or n_heldout < 2:
-        print("vlmlab demo: --align-steps and --grounding-steps must be >= 1 and --n-heldout >= 2", file=sys.stderr)
-        return 2
-    rc = doctor(output_dir=output_dir)
+        raise ValueError("--align-steps and --grounding-steps must be >= 1 and --n-heldout >= 2")
+    from vlmlab.model import resolve_model_path
+    resolve_model_path(model)   # a missing model folder fails here, before the doctor and the data
+    rc = doctor(out=out)
     if rc: return rc
     from vlmlab.demo import run_demo
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()
     if quiet: hf_logging.disable_progress_bar()
-    summary = run_demo(Path(output_dir) / 'demo', model, data, align_steps, grounding_steps, n_train, n_heldout, progress=not quiet)
+    summary = run_demo(Path(out) / 'demo', model, raw, align_steps, grounding_steps, n_train, n_heldout, progress=not quiet)
     ok = summary['runs']['align']['ablation']['passed']
     print(f"\nvlmlab demo: {'OK' if ok else 'FINISHED, but the alignment run does not pass the connector ablation (see its report)'}")
     return 0 if ok else 1
 
 # %% ../nbs/90_cli.ipynb #90-cli-010
-def resize_spec(family: str = 'qwen2_5_vl', model: str | None = None, min_pixels: int | None = None,
-                max_pixels: int | None = None):
-    "The `ResizeSpec` the data commands use: the model's own, or the family's with optional limits."
+def resize_spec(family: str | None = None, # model family (default with no model: qwen2_5_vl)
+                model: str | None = None, # a model whose config and image processor fix the spec
+                min_pixels: int | None = None, # with a family: its min_pixels; with a model: must equal the model's
+                max_pixels: int | None = None, # with a family: its max_pixels; with a model: must equal the model's
+               ):
+    "The `ResizeSpec` the data commands use: the model's own (options given with it must agree), or the family's."
     from vlmlab.model import resolve_model_path
     from vlmlab.vision import ResizeSpec
-    if model: return ResizeSpec.from_pretrained(resolve_model_path(model))
-    return ResizeSpec.for_family(family, min_pixels, max_pixels)
+    if not model: return ResizeSpec.for_family(family or 'qwen2_5_vl', min_pixels, max_pixels)
+    spec = ResizeSpec.from_pretrained(resolve_model_path(model))
+    given = {'--family': (family, spec.family), '--min-pixels': (min_pixels, spec.min_pixels), '--max-pixels': (max_pixels, spec.max_pixels)}
+    clash = [f"{k} {v} (the model's: {m})" for k, (v, m) in given.items() if v is not None and v != m]
+    if clash:
+        raise ValueError(f"--model {model} fixes the resize spec and {', '.join(clash)} disagrees: training checks every record "
+                         "against the model's image processor; drop the option, or change min_pixels / max_pixels in the "
+                         "model's preprocessor_config.json")
+    return spec
+
+def model_tokenizer(model: str | None = None, # a model folder, tiny-kit/<family> or hub id (None: no tokenizer)
+                   ):
+    "The model's own tokenizer (its added tokens are refused in data texts), or None without a model."
+    if not model: return None
+    from transformers import AutoTokenizer
+    from vlmlab.model import resolve_model_path
+    return AutoTokenizer.from_pretrained(resolve_model_path(model))
+
+def _rejected_line(summary, # the ConversionSummary of a conversion that wrote nothing
+                   rejects: Path, # its {split}.rejects.jsonl
+                   top: int = 3, # reasons named
+                  ) -> str:
+    "One line for a conversion that wrote nothing: the most common reasons, the first message, where to look."
+    kinds = sorted(summary.reasons.items(), key=lambda kv: -kv[1])
+    why = ', '.join(f"{n} {k}" for k, n in kinds[:top]) + (f", {sum(n for _, n in kinds[top:])} other" if kinds[top:] else '')
+    try: first = json.loads(rejects.read_text(encoding='utf-8').splitlines()[0])['reason']
+    except (OSError, ValueError, IndexError, KeyError, TypeError): first = None
+    msg = f"all {summary.inputs} inputs were rejected ({why})" + (f"; first: {first}" if first else '') + f"; every reason: {rejects}"
+    if kinds and kinds[0][0] == 'file not found':
+        msg += ("; the images were not found: LLaVA / COCO image paths are looked up under --image-root (default: the JSON "
+                "file's folder) and raw JSON images next to their JSON file; is --image-root right?")
+    return msg
 
 @command
-def make_shapes(out_dir: str = 'shapes_raw', # folder to write the images and raw annotation JSON into
+def make_shapes(*,
+                out: str = 'shapes_raw', # folder to write the images and raw annotation JSON into
                 n: int = 200, # number of images
                 seed: int = 0, # random seed (same seed, same files)
                 old_format: float = 0.1, # fraction of JSON files in the old list-shaped format
@@ -121,8 +235,8 @@ def make_shapes(out_dir: str = 'shapes_raw', # folder to write the images and ra
                ) -> int:
     "Write a synthetic dataset of coloured shapes in the raw annotation format."
     from vlmlab.data import make_shapes as _make
-    paths = _make(out_dir, n, seed, old_format, exif_rotated)
-    print(f"wrote {len(paths)} raw annotation files and their images to {out_dir}")
+    paths = _make(out, n, seed, old_format, exif_rotated)
+    print(f"wrote {len(paths)} raw annotation files and their images to {out}")
     return 0
 
 @command
@@ -136,11 +250,12 @@ def clean_raw_json(folder: str, # folder of raw annotation JSON files to migrate
 
 @command
 def convert(input: str, # raw JSON folder or file, LLaVA JSON, or COCO JSON
-            out_dir: str = 'ds_output', # output folder (images/ and {split}.jsonl are written here)
-            family: str = 'qwen2_5_vl', # model family: qwen2_vl, qwen2_5_vl or qwen3_vl (fixes factor and box space)
-            model: str = None, # checkpoint (or tiny-kit/<family>) whose config and image processor give the resize spec (overrides --family)
-            min_pixels: int = None, # fewest pixels of a resized image (default: the family's released value)
-            max_pixels: int = None, # most pixels of a resized image (default: the family's released value)
+            *,
+            out: str = 'ds_output', # output folder (images/ and {split}.jsonl are written here)
+            family: str = None, # model family: qwen2_vl, qwen2_5_vl or qwen3_vl (fixes factor and box space; default: qwen2_5_vl, or the model's)
+            model: str = None, # checkpoint (or tiny-kit/<family>) whose config and image processor give the resize spec
+            min_pixels: int = None, # fewest pixels of a resized image (default: the family's released value; with --model: the model's)
+            max_pixels: int = None, # most pixels of a resized image (default: the family's released value; with --model: the model's)
             split: str = 'train', # split name: writes {split}.jsonl, {split}.rejects.jsonl, {split}.summary.json
             format: str = 'auto', # input format: auto, raw, llava or coco
             workers: int = 1, # worker processes
@@ -148,25 +263,27 @@ def convert(input: str, # raw JSON folder or file, LLaVA JSON, or COCO JSON
             image_root: str = None, # folder the image paths of a LLaVA / COCO file are relative to (default: its folder)
             image_format: str = 'png', # stored image format: png (lossless) or jpg (quality 95)
             min_side: int = None, # smallest accepted image side in pixels (default: the resize factor)
+            box_space: str = 'pixels', # how boxes in conversation texts are written: pixels (of the original image), rel1000, rel1 or auto
+            max_decode_pixels: int = None, # refuse source images with more pixels than this before decoding (default: 8x the larger of max_pixels and the family's released one)
             strict: bool = False, # exit with status 1 when any input is rejected
             quiet: bool = False, # no progress bar
            ) -> int:
     "Convert annotations into ds_output/{split}.jsonl with images resized once; every input is written or rejected."
     from vlmlab.data import convert as _convert
-    try: spec = resize_spec(family, model, min_pixels, max_pixels)
-    except (ValueError, OSError) as e:
-        print(f"vlmlab convert: {e}", file=sys.stderr); return 2
-    try: summary = _convert(input, out_dir, spec, split, format, workers, migrate_old, image_root, image_format, min_side, not quiet)
-    except (OSError, ValueError) as e:
-        print(f"vlmlab convert: {e}", file=sys.stderr); return 2
+    spec = resize_spec(family, model, min_pixels, max_pixels)
+    summary = _convert(input, out, spec, split, format, workers, migrate_old, image_root, image_format, min_side, not quiet,
+                       tokenizer=model_tokenizer(model), box_space=box_space, max_decode_pixels=max_decode_pixels)
     print(summary)
-    if summary.rejected: print(f"reasons for each rejected input: {Path(out_dir) / (split + '.rejects.jsonl')}")
+    rejects = Path(out) / f'{split}.rejects.jsonl'   # zero inputs: data.convert refused before writing anything
+    if summary.written == 0: raise ValueError(_rejected_line(summary, rejects))
+    if summary.rejected: print(f"reasons for each rejected input: {rejects}")
     return 1 if strict and summary.rejected else 0
 
-@command
-def validate(out_dir: str = 'ds_output', # the converted data folder
+@command(deprecated={'data': ('--out', '--out-dir')})
+def validate(*,
+             data: str = 'ds_output', # the converted data folder to check (what `convert --out` wrote)
              family: str = None, # model family the data must be for (with --min/--max-pixels), or use --model
-             model: str = None, # checkpoint the data will train: records must carry its resize fingerprint
+             model: str = None, # checkpoint the data will train: records must carry its resize fingerprint, texts none of its tokenizer's added tokens
              min_pixels: int = None, # with --family: the processor's min_pixels
              max_pixels: int = None, # with --family: the processor's max_pixels
              skip_images: bool = False, # do not open the images (no size / hash check)
@@ -174,49 +291,75 @@ def validate(out_dir: str = 'ds_output', # the converted data folder
             ) -> int:
     "Check converted data: schema, boxes, paths inside ds_output/, resize fingerprints, train/test leakage."
     from vlmlab.data import validate as _validate
-    try: spec = resize_spec(family, model, min_pixels, max_pixels) if (family or model) else None
-    except (ValueError, OSError) as e:
-        print(f"vlmlab validate: {e}", file=sys.stderr); return 2
-    report = _validate(out_dir, spec, not skip_images, not quiet)
+    if (min_pixels or max_pixels) and not (family or model):
+        raise ValueError("--min-pixels / --max-pixels need --family (or --model, which fixes them): alone they would check nothing")
+    spec = resize_spec(family, model, min_pixels, max_pixels) if (family or model) else None
+    report = _validate(data, spec, not skip_images, not quiet, tokenizer=model_tokenizer(model))
     print(report)
     return 0 if report.ok else 1
 
+# %% ../nbs/90_cli.ipynb #90-cli-045
+def resume_command(config: str, # the config file given to `train`
+                   out: str | None = None, # the --out given, if any
+                   max_steps: int | None = None, # the --max-steps given, if any
+                  ) -> str:
+    "The shell command that resumes a `vlmlab train` run, with the same overrides."
+    parts = ['vlmlab', 'train', '--config', config, '--resume'] + (['--out', out] if out else []) + \
+            (['--max-steps', str(max_steps)] if max_steps is not None else [])
+    return ' '.join(shlex.quote(p) for p in parts)
+
+def _takes(f: Callable, name: str) -> bool:
+    "Does `f` have a parameter called `name` (not only **kwargs)?"
+    prm = inspect.signature(f).parameters.get(name)
+    return prm is not None and prm.kind is not inspect.Parameter.VAR_KEYWORD
+
 @command
-def train(config: str = None, # YAML run config (see configs/)
-          resume: bool = False, # resume from the last complete checkpoint in the output folder
+def train(*,
+          config: str, # YAML run config (see configs/)
+          resume: bool = False, # continue from the last complete checkpoint in the output folder
+          overwrite: bool = False, # start at step 0 in an output folder that holds a previous run, replacing it
           max_steps: int = None, # override training.max_steps
-          output_dir: str = None, # override training.output_dir
+          out: str = None, # output folder (overrides training.output_dir)
           quiet: bool = False, # no progress bars
          ) -> int:
     "Train from a config: pre-flight checks, then checkpoints, TensorBoard logs and metrics.json in the output folder."
-    from vlmlab.model import VLMLabConfig, ConfigError
-    from vlmlab.trainer import train_from_config, DataError, NonFiniteError
-    if config is None: print("vlmlab train: --config is required (a YAML run config, see configs/)", file=sys.stderr); return 2
-    try:
-        cfg = VLMLabConfig.from_yaml(config)
-        if max_steps is not None: cfg.training.max_steps = max_steps
-        if output_dir is not None: cfg.training.output_dir = output_dir
-        metrics = train_from_config(cfg, resume=resume, progress=not quiet)
-    except (ConfigError, DataError, OSError) as e:
-        print(f"vlmlab train: {e}", file=sys.stderr); return 2
+    from vlmlab.model import VLMLabConfig
+    from vlmlab import trainer
+    from vlmlab.trainer import train_from_config, NonFiniteError
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite exclude each other: --resume continues the run in the output folder, "
+                         "--overwrite replaces it")
+    if not Path(config).is_file(): raise FileNotFoundError(f"--config {config}: no such file (a YAML run config; see configs/)")
+    cfg = VLMLabConfig.from_yaml(config)
+    if max_steps is not None: cfg.training.max_steps = max_steps
+    if out is not None: cfg.training.output_dir = out
+    kw = {}
+    if overwrite:
+        if not _takes(train_from_config, 'overwrite'):
+            raise ValueError(f"--overwrite: this vlmlab's trainer cannot replace a run yet; remove {cfg.training.output_dir} "
+                             "yourself or choose another --out")
+        kw['overwrite'] = True
+    rank0 = int(os.environ.get('RANK', '0')) == 0
+    try: metrics = train_from_config(cfg, resume=resume, progress=not quiet, **kw)
     except NonFiniteError as e:
-        print(f"vlmlab train: stopped: {e}", file=sys.stderr); return 3
-    if int(os.environ.get('RANK', '0')) == 0:
-        out = Path(cfg.training.output_dir)
-        print(f"final model: {metrics['final_model']}\nTensorBoard: {metrics['tensorboard']}\nmetrics: {out / 'metrics.json'}")
+        print(f"vlmlab train: stopped: {one_line(e)}", file=sys.stderr); return 3
+    except (KeyboardInterrupt, getattr(trainer, 'TrainingInterrupted', KeyboardInterrupt)) as e:
+        sig = getattr(e, 'signal_name', 'SIGINT')   # the trainer stops at a clean point and names the signal and checkpoint
+        where = f" after step {e.step}; {e.checkpoint or 'no checkpoint'} is complete" if hasattr(e, 'step') else ''
+        if rank0: print(f"vlmlab train: interrupted ({'Ctrl-C' if sig == 'SIGINT' else sig}){where}; resume with: {resume_command(config, out, max_steps)}", file=sys.stderr)
+        return 128 + getattr(signal.Signals, sig, signal.SIGINT).value
+    if rank0:
+        print(f"final model: {metrics['final_model']}\nTensorBoard: {metrics['tensorboard']}\nmetrics: {Path(cfg.training.output_dir) / 'metrics.json'}")
     return 0
 
 # %% ../nbs/90_cli.ipynb #90-cli-020
-def _fail(cmd: str, e: BaseException) -> int:
-    "Print a command's error (it names the file or option) and return the bad-input status 2."
-    print(f"vlmlab {cmd}: {e}", file=sys.stderr)
-    return 2
-
 @command
 def report(run_dir: str, # a `vlmlab train` output folder (metrics.json, checkpoints; ablation.json from `vlmlab ablate --out`)
+           *,
            out: str = None, # folder for index.html and the PNGs (default: RUN_DIR/report)
            scan_data: bool = False, # also process every split of the run's ds_output for truncation and label coverage
            floor: float = 0.0, # the lowest loss the task can reach (the pathology rules' "high")
+           quiet: bool = False, # no progress bars
           ) -> int:
     "Write a run's self-contained HTML report: loss terms, gradient panels, ablation, truncation, pathologies, verdicts."
     from vlmlab.model import VLMLabConfig
@@ -226,21 +369,21 @@ def report(run_dir: str, # a `vlmlab train` output folder (metrics.json, checkpo
         if scan_data:
             cfg = read_run(run_dir).get('config')
             if not cfg: raise ValueError(f"{run_dir}: its log holds no run config, which --scan-data needs")
-            data = data_report(VLMLabConfig.from_dict(cfg))
+            data = data_report(VLMLabConfig.from_dict(cfg), progress=not quiet)
         path = write_report(run_dir, out, data, floor)
     except (OSError, ValueError) as e: return _fail('report', e)
     print(path)
     return 0
 
-def _check_eval_args(data: str | None, n: int, batch_size: int, least_batch: int = 1) -> None:
-    "Refuse missing data or too few items before anything is loaded."
-    if data is None: raise ValueError("--data is required: the ds_output folder holding the held-out split")
+def _check_eval_args(n: int, batch_size: int, least_batch: int = 1) -> None:
+    "Refuse too few items or too small batches before anything is loaded."
     if n < 2: raise ValueError(f"--n {n}: at least 2 items are needed for paired intervals")
     if batch_size < least_batch: raise ValueError(f"--batch-size {batch_size}: at least {least_batch}")
 
-@command
-def ablate(model: str = None, # checkpoint-N/ folder, a run's final/ folder, a run folder (its final/), or a hub id
-           data: str = None, # ds_output folder holding the held-out split
+@command(deprecated={'out': ()})   # its --out is a record file, never spelled otherwise
+def ablate(*,
+           model: str, # checkpoint-N/ folder, a run's final/ folder, a run folder (its final/), tiny-kit/<family> or a hub id
+           data: str, # ds_output folder holding the held-out split
            split: str = None, # held-out split (default: the first of heldout, eval, val, validation, test present)
            n: int = 64, # held-out items, the first that process (the runbook: 64-256)
            out: str = None, # write the ablation record (JSON) here, e.g. RUN_DIR/ablation.json for `vlmlab report`
@@ -252,10 +395,10 @@ def ablate(model: str = None, # checkpoint-N/ folder, a run's final/ folder, a r
           ) -> int:
     "Connector ablation on held-out items (correct image vs shuffled, zeroed, noise); exit 0 on PASS, 1 on FAIL."
     from vlmlab.diagnostics import connector_ablation
-    from vlmlab.report import heldout_samples, load_eval_model, save_ablation
+    from vlmlab.report import heldout_samples, load_eval_model, model_folder, save_ablation
     try:
-        if model is None: raise ValueError("--model is required: a checkpoint-N/ or final/ folder, or a run folder")
-        _check_eval_args(data, n, batch_size, least_batch=2)
+        _check_eval_args(n, batch_size, least_batch=2)
+        model_folder(model)   # a missing model folder is named before the data is read
         ho = heldout_samples(model, data, split, n, target, max_length)
         vlm = load_eval_model(model)
     except (OSError, ValueError, RuntimeError) as e: return _fail('ablate', e)
@@ -269,26 +412,28 @@ def ablate(model: str = None, # checkpoint-N/ folder, a run's final/ folder, a r
         print(f"ablation record: {f}")
     return 0 if res.passed else 1
 
-@command(name='eval')
-def evaluate(checkpoints: list[str] = None, # model folders (e.g. base, SFT, later), evaluated one at a time in this order
-             data: str = None, # ds_output folder holding the held-out split
+@command(name='eval', deprecated={'out': ()})
+def evaluate(*,
+             checkpoints: list[str], # model folders (e.g. base, SFT, later), evaluated one at a time in this order
+             data: str, # ds_output folder holding the held-out split
              split: str = None, # held-out split (default: the first of heldout, eval, val, validation, test present)
              n: int = 64, # held-out items, the first that process
              target: str = None, # data.target (default: the first checkpoint's run config that exists, else grounding)
              max_length: int = None, # data.max_length (default: the first checkpoint's run config that exists, else 4096)
              batch_size: int = 8, # items per forward pass
              out: str = None, # write the per-item losses and the comparisons (JSON) here
+             quiet: bool = False, # no progress bars
             ) -> int:
     "Teacher-forced loss of several checkpoints on the same held-out items, one model in memory at a time, compared pairwise."
     import itertools, json
     import numpy as np
+    from tqdm.auto import tqdm
     from vlmlab.data import write_atomic
     from vlmlab.diagnostics import compare_paired, evaluate_checkpoints, paired_sample_size
     from vlmlab.report import heldout_losses, heldout_samples, load_eval_model, model_folder, run_config
     try:
-        if not checkpoints: raise ValueError("--checkpoints is required: one or more model folders")
         if len(set(checkpoints)) != len(checkpoints): raise ValueError(f"--checkpoints names a folder twice: {' '.join(checkpoints)}")
-        _check_eval_args(data, n, batch_size)
+        _check_eval_args(n, batch_size)
         for c in checkpoints: model_folder(c)   # every folder exists before the first is loaded
         ref = next((c for c in checkpoints if run_config(c) is not None), checkpoints[0])   # a trained one knows target and length
         ho = heldout_samples(ref, data, split, n, target, max_length)
@@ -298,10 +443,14 @@ def evaluate(checkpoints: list[str] = None, # model folders (e.g. base, SFT, lat
             if m.tokenizer.get_vocab() != vocab:
                 raise ValueError(f"{path}: its tokenizer differs from {ref}'s, so the items would not be the same tokens")
             return m
-        results = evaluate_checkpoints(checkpoints, lambda m: heldout_losses(m, ho, batch_size), load)
+        def losses(m):   # heldout_losses one batch at a time, for the progress bar: the same batches, the same numbers
+            starts = range(0, len(ho.samples), batch_size)
+            return [l for i in tqdm(starts, desc='batches', unit='batch', leave=False, disable=quiet)
+                    for l in heldout_losses(m, dataclasses.replace(ho, samples=ho.samples[i:i + batch_size]), batch_size)]
+        results = evaluate_checkpoints(checkpoints, losses, load, progress=not quiet)
     except (OSError, ValueError, RuntimeError) as e: return _fail('eval', e)
     print(f"{len(ho.samples)} '{ho.split}' items of {data} (target {ho.target}, max_length {ho.max_length}); mean token loss:")
-    for c, losses in results.items(): print(f"  {np.mean(losses):.4f}  {c}")
+    for c, ls in results.items(): print(f"  {np.mean(ls):.4f}  {c}")
     comparisons = []
     for (a, la), (b, lb) in itertools.combinations(results.items(), 2):
         cmp = compare_paired(lb, la)   # later - earlier: below 0, the later checkpoint has the lower loss
@@ -329,38 +478,76 @@ def benchmarks_root(start: str | Path | None = None, # where to look first (defa
     return None
 
 @command
-def bench(quick: bool = False, # small sizes: a smoke test of every benchmark (its numbers are not results)
-          out_dir: str = None, # folder for results.json and RESULTS.md (default: benchmarks/ of the checkout)
+def bench(*,
+          quick: bool = False, # small sizes: a smoke test of every benchmark (its numbers are not results)
+          out: str = None, # folder for results.json and RESULTS.md (default: benchmarks/ of the checkout)
           only: str = None, # comma-separated subset: packing, train_packing, trainer, convert
          ) -> int:
     "Run every benchmark (ratios measured side by side, medians over repeats) and write benchmarks/results.json and RESULTS.md."
     import subprocess
     root = benchmarks_root()
     if root is None:
-        print("vlmlab bench: no benchmarks/run.py in the current directory, its parents or the installed package's folder; the "
-              "benchmarks ship with the source, not the wheel: run `vlmlab bench` inside a clone of vlmlab", file=sys.stderr)
-        return 2
+        raise FileNotFoundError("no benchmarks/run.py in the current directory, its parents or the installed package's folder; the "
+                                "benchmarks ship with the source, not the wheel: run `vlmlab bench` inside a clone of vlmlab")
     cmd = [sys.executable, str(root / 'benchmarks' / 'run.py')] + (['--quick'] if quick else [])
-    if out_dir: cmd += ['--out', str(Path(out_dir).resolve())]
+    if out: cmd += ['--out', str(Path(out).resolve())]
     if only: cmd += ['--only', *only.split(',')]
     return subprocess.run(cmd, cwd=root).returncode
 
 # %% ../nbs/90_cli.ipynb #90-cli-011
 def build_parser() -> argparse.ArgumentParser:
     "The `vlmlab` parser with one sub-parser per registered command."
-    p = argparse.ArgumentParser(prog='vlmlab', description='Provably correct fine-tuning of Qwen-VL models.')
+    p = CommandParser(prog='vlmlab', description='Provably correct fine-tuning of Qwen-VL models.')
+    p.add_argument('--version', action='version', version=f'vlmlab {__version__}')
     sub = p.add_subparsers(dest='command', metavar='COMMAND')
     for name, f in COMMANDS.items():
-        command_parser(f, sub.add_parser(name, help=(inspect.getdoc(f) or '').splitlines()[0]))
+        doc = (inspect.getdoc(f) or '').splitlines()[0]
+        command_parser(f, sub.add_parser(name, help=doc, description=doc))
     return p
 
 def main(argv: list[str] | None = None, # arguments (default: sys.argv[1:])
         ) -> int:
-    "Entry point of the `vlmlab` command."
+    "Entry point of the `vlmlab` command: bad input exits 2 with one line, Ctrl-C exits 130 with one line."
     p = build_parser()
-    args = vars(p.parse_args(argv))
+    try: args = vars(p.parse_args(argv))
+    except SystemExit as e: return e.code   # --help, --version, or a parser error (already printed on one line)
     name = args.pop('command')
     if name is None:
         p.print_help()
         return 2
-    return COMMANDS[name](**args)
+    try:
+        with quiet_progress() if args.get('quiet') else contextlib.nullcontext(): return COMMANDS[name](**args)
+    except KeyboardInterrupt:
+        print(f"vlmlab {name}: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if os.environ.get('VLMLAB_TRACEBACK') or not user_error(e): raise
+        return _fail(name, e)
+
+# %% ../nbs/90_cli.ipynb #90-cli-047
+INPUT_FLAGS = ('--config', '--data', '--model', '--checkpoints', '--raw')   # options that name what a command reads
+
+def grammar(parser: argparse.ArgumentParser | None = None, # the `vlmlab` parser (default: build_parser())
+           ) -> list[dict]:
+    "One row per command, read from the parser: what it reads, what it writes, what it requires, its old spellings."
+    p = parser or build_parser()
+    sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
+    rows = []
+    for name, sp in sub.choices.items():
+        acts = [a for a in sp._actions if not isinstance(a, argparse._HelpAction)]
+        pos = [a.metavar for a in acts if not a.option_strings]
+        opts = {a.option_strings[0]: a for a in acts if a.option_strings}
+        rows.append(dict(command=name, reads=pos + [o for o in opts if o in INPUT_FLAGS], writes=[o for o in opts if o == '--out'],
+                         required=pos + [o for o, a in opts.items() if a.required],
+                         deprecated={old: o for o, a in opts.items() for old in getattr(a, 'deprecated', ())}))
+    return rows
+
+def grammar_markdown(rows: list[dict] | None = None, # from grammar() (default: the current parser's)
+                    ) -> str:
+    "The grammar as a Markdown table."
+    code = lambda xs: ' '.join(f'`{x}`' for x in xs) or '-'
+    lines = ['| command | reads | writes | required | old spellings (accepted, with a note) |', '|---|---|---|---|---|']
+    for r in rows or grammar():
+        old = ', '.join(f"`{o}` -> `{n}`" for o, n in r['deprecated'].items()) or '-'
+        lines.append(f"| `{r['command']}` | {code(r['reads'])} | {code(r['writes'])} | {code(r['required'])} | {old} |")
+    return '\n'.join(lines)

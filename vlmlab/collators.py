@@ -16,9 +16,10 @@ import torch
 from .chat import ProcessedSample
 
 # %% auto #0
-__all__ = ['VLMLAB_KEYS', 'modality_runs', 'mrope_position_ids', 'packed_position_ids', 'CollatorError', 'check_attention_mask',
-           'StandardDataCollator', 'assert_packed_batch', 'PackedDataCollator', 'model_inputs', 'plan_packs',
-           'packing_stats', 'PackedBatchSampler']
+__all__ = ['VLMLAB_KEYS', 'modality_runs', 'mrope_position_ids', 'packed_position_ids', 'CollatorError', 'check_sample_images',
+           'check_attention_mask', 'StandardDataCollator', 'check_batch_images', 'assert_packed_batch',
+           'PackedDataCollator', 'model_inputs', 'vision_keepalive', 'plan_packs', 'packing_stats',
+           'PackedBatchSampler']
 
 # %% ../nbs/04_collators.ipynb #04-collators-006
 def modality_runs(mm_token_type_ids: torch.Tensor, # (L,) token modalities: 0 text, 1 image, 2 video
@@ -67,13 +68,25 @@ VLMLAB_KEYS = ('label_kind', 'cu_seqlens', 'sample_ids', 'detection_targets')  #
 class CollatorError(ValueError):
     "A batch that breaks a collator contract."
 
-def _pixels(samples: Sequence[ProcessedSample]) -> dict:
+def check_sample_images(sample: ProcessedSample, # a processed sample
+                        spatial_merge_size: int = 2, # the merger's spatial merge size
+                       ) -> None:
+    "Check one sample's pixels against its grids, and its image-token runs against the grids (one run per grid, in order)."
+    n = 0 if sample.image_grid_thw is None else len(sample.image_grid_thw)
+    if (sample.pixel_values is None) != (n == 0):
+        raise CollatorError(f"sample {sample.id!r}: {'no' if sample.pixel_values is None else 'some'} pixel_values with {n} image grids")
+    if n and sample.pixel_values.shape[0] != int(sample.image_grid_thw.prod(-1).sum()):
+        raise CollatorError(f"sample {sample.id!r}: pixel_values has {sample.pixel_values.shape[0]} rows but its {n} grids "
+                            f"{sample.image_grid_thw.tolist()} need sum(prod(grid_thw)) = {int(sample.image_grid_thw.prod(-1).sum())}")
+    try: mrope_position_ids(sample.mm_token_type_ids, sample.image_grid_thw, spatial_merge_size)
+    except (ValueError, NotImplementedError) as e: raise CollatorError(f"sample {sample.id!r}: {e}") from None
+
+def _pixels(samples: Sequence[ProcessedSample], spatial_merge_size: int = 2) -> dict:
+    "The batch's pixel_values and image_grid_thw: every image of every sample, in token order; nothing for a batch without images."
+    for s in samples: check_sample_images(s, spatial_merge_size)
     with_img = [s for s in samples if s.image_grid_thw is not None and len(s.image_grid_thw)]
     if not with_img: return {}
-    pv, grid = torch.cat([s.pixel_values for s in with_img]), torch.cat([s.image_grid_thw for s in with_img])
-    if pv.shape[0] != int(grid.prod(-1).sum()):
-        raise CollatorError(f"pixel_values has {pv.shape[0]} rows but the grids need sum(prod(grid_thw)) = {int(grid.prod(-1).sum())}")
-    return {'pixel_values': pv, 'image_grid_thw': grid}
+    return {'pixel_values': torch.cat([s.pixel_values for s in with_img]), 'image_grid_thw': torch.cat([s.image_grid_thw for s in with_img])}
 
 def _round_up(n: int, multiple: int | None) -> int:
     return n if not multiple else -(-n // multiple) * multiple
@@ -93,6 +106,7 @@ class StandardDataCollator:
     "Pad samples to the batch's longest (optionally to a multiple), with a boolean attention mask."
     pad_token_id: int # id used for padding (the tokenizer's pad token)
     pad_to_multiple_of: int | None = None # pad the length up to a multiple of this
+    spatial_merge_size: int = 2 # the merger's spatial merge size (checks each image's token run against its grid)
 
     def __call__(self, samples: Sequence[ProcessedSample]) -> dict:
         "Collate a list of processed samples into a padded batch."
@@ -107,14 +121,42 @@ class StandardDataCollator:
         for i, n in enumerate(lengths): mask[i, :n] = True
         batch = {'input_ids': pad('input_ids', self.pad_token_id, torch.long), 'attention_mask': mask,
                  'labels': pad('labels', -100, torch.long), 'mm_token_type_ids': pad('mm_token_type_ids', 0, torch.int32),
-                 'label_kind': pad('label_kind', 0, torch.int32), **_pixels(samples), 'sample_ids': [s.id for s in samples]}
-        check_attention_mask(mask, lengths)
+                 'label_kind': pad('label_kind', 0, torch.int32), **_pixels(samples, self.spatial_merge_size), 'sample_ids': [s.id for s in samples]}
+        check_attention_mask(mask, lengths); check_batch_images(batch, self.spatial_merge_size)
         for k in ('labels', 'mm_token_type_ids', 'label_kind'):
             if batch[k].shape != batch['input_ids'].shape: raise CollatorError(f"{k} has shape {tuple(batch[k].shape)}")
         return batch
 
+# %% ../nbs/04_collators.ipynb #04-collators-008b
+def check_batch_images(batch: dict, # a collated batch (padded or packed)
+                       spatial_merge_size: int = 2, # the merger's spatial merge size
+                      ) -> None:
+    "Check that image_grid_thw lists the batch's image-token runs in token order and pixel_values holds their rows."
+    mm, ids = batch['mm_token_type_ids'], batch.get('sample_ids') or []
+    cu = batch['cu_seqlens'].tolist() if batch.get('cu_seqlens') is not None else None   # packed: one row, samples by cu_seqlens
+    runs = []   # (sample index, tokens) of every image, in token order
+    for r, row in enumerate(mm):
+        for kind, k, j in modality_runs(row):
+            if kind == 1: runs.append((r if cu is None else bisect.bisect_right(cu, k) - 1, j - k))
+    grid, pv = batch.get('image_grid_thw'), batch.get('pixel_values')
+    grids = [] if grid is None else grid.tolist()
+    name = lambda i: repr(ids[i]) if i < len(ids) else f"#{i}"
+    if len(runs) != len(grids):
+        raise CollatorError(f"the batch's tokens hold {len(runs)} images but image_grid_thw lists {len(grids)}")
+    for n, ((i, got), (t, h, w)) in enumerate(zip(runs, grids)):
+        if got != t * h * w // spatial_merge_size ** 2:
+            raise CollatorError(f"image {n} of the batch (sample {name(i)}) has {got} image tokens but image_grid_thw[{n}] = "
+                                f"{[t, h, w]} needs {t * h * w // spatial_merge_size ** 2}: pixel_values / image_grid_thw are not "
+                                "in the order of the images in the tokens (or belong to other samples)")
+    need = sum(t * h * w for t, h, w in grids)
+    if (pv is None and need) or (pv is not None and pv.shape[0] != need):
+        raise CollatorError(f"pixel_values has {None if pv is None else pv.shape[0]} rows but the grids need sum(prod(grid_thw)) = {need}")
+
+
 # %% ../nbs/04_collators.ipynb #04-collators-010
-def assert_packed_batch(batch: dict) -> None:
+def assert_packed_batch(batch: dict, # a packed batch
+                        spatial_merge_size: int = 2, # the merger's spatial merge size (image runs against their grids)
+                       ) -> None:
     "Check that a packed batch still carries everything that keeps its samples apart."
     pos, cu = batch.get('position_ids'), batch.get('cu_seqlens')
     if pos is None or pos.ndim != 3 or pos.shape[0] != 4:
@@ -133,6 +175,7 @@ def assert_packed_batch(batch: dict) -> None:
         raise CollatorError("a label at a sample boundary is not -100 (cross-sample supervision)")
     for k in ('labels', 'mm_token_type_ids', 'label_kind'):
         if k in batch and batch[k].shape != batch['input_ids'].shape: raise CollatorError(f"{k} has shape {tuple(batch[k].shape)}")
+    check_batch_images(batch, spatial_merge_size)
 
 @dataclass
 class PackedDataCollator:
@@ -165,17 +208,29 @@ class PackedDataCollator:
             pos = torch.cat([pos, torch.arange(n).expand(4, -1)], 1); bounds.append(T)
         cu = torch.tensor(bounds, dtype=torch.int32)
         batch = {'input_ids': ids[None], 'labels': labels[None], 'position_ids': pos[:, None], 'mm_token_type_ids': mm[None],
-                 'label_kind': kind[None], **_pixels(samples), 'use_cache': False, 'cu_seqlens': cu,
+                 'label_kind': kind[None], **_pixels(samples, self.spatial_merge_size), 'use_cache': False, 'cu_seqlens': cu,
                  'sample_ids': [s.id for s in samples]}
         if self.flash_attn_kwargs:
             m = int((cu[1:] - cu[:-1]).max())
             batch.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=m, max_length_k=m)
-        assert_packed_batch(batch)
+        assert_packed_batch(batch, self.spatial_merge_size)
         return batch
 
 def model_inputs(batch: dict) -> dict:
     "The entries of a collated batch that the model's forward takes."
     return {k: v for k, v in batch.items() if k not in VLMLAB_KEYS}
+
+# %% ../nbs/04_collators.ipynb #04-collators-311
+def vision_keepalive(vlm, # a transformers Qwen-VL model (Qwen2-VL, Qwen2.5-VL, Qwen3-VL)
+                    ) -> torch.Tensor:
+    "Zero times the vision tower's output on a one-cell blank image: the term to add to the loss of a batch without images."
+    visual, vc = vlm.model.visual, vlm.config.vision_config
+    m, p = visual.spatial_merge_size, next(visual.parameters())
+    pixels = torch.zeros(m * m, vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2, dtype=p.dtype, device=p.device)
+    out = vlm.model.get_image_features(pixels, torch.tensor([[1, m, m]], device=p.device))   # one merged token, outside any sequence
+    feats = [*out.pooler_output, *(f for fs in getattr(out, 'deepstack_features', None) or [] for f in fs)]  # Qwen3-VL: deepstack mergers
+    return sum(f.float().sum() for f in feats) * 0.0
+
 
 # %% ../nbs/04_collators.ipynb #04-collators-025
 def plan_packs(lengths: Sequence[int], # token count of every sample

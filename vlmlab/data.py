@@ -15,8 +15,11 @@ import os
 import re
 import shutil
 import tempfile
+import time
 import unicodedata
-from concurrent.futures import ProcessPoolExecutor
+import uuid
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -25,22 +28,56 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from .vision import ImageLoadError, ResizeError, ResizeSpec, load_image, scale_boxes
+from .answer_boxes import (SOURCE_SPACES, AnswerBoxError, answer_box_problems, answer_objects, find_answer_boxes,
+                                 rescale_answer_text)
+from .commit import (LOCK_FILE, ConversionLocked, ManifestError, check_manifest, clean_stale_temps, commit_split,
+                           output_lock, remove_unreferenced_images, split_files, write_atomic)
+from .tokens import SPECIAL_TOKENS, chatml_segments
+from .vision import ImageLoadError, ResizeError, ResizeSpec, image_info, load_image, scale_boxes
 
 # %% auto #0
-__all__ = ['BOX_FORMAT', 'RECORD_KEYS', 'SHAPE_COLORS', 'SHAPE_KINDS', 'IMAGE_EXTS', 'BOX_TOLERANCE', 'LLAVA_ROLES', 'Reject',
-           'draw_shape', 'make_shapes', 'OldFormatError', 'clean_raw_json', 'read_raw_json', 'clean_raw_dir',
-           'write_atomic', 'check_box', 'Sample', 'convert_sample', 'read_raw', 'llava_messages', 'read_llava',
-           'read_coco', 'ConversionSummary', 'convert', 'normalize_text', 'record_text', 'find_leaks',
+__all__ = ['BOX_FORMAT', 'RECORD_KEYS', 'IMAGE_KEYS', 'SHAPE_COLORS', 'SHAPE_KINDS', 'IMAGE_EXTS', 'BOX_TOLERANCE',
+           'SPECIAL_TEXTS', 'QWEN_ADDED_TEXTS', 'ANSWER_NOTATION', 'LLAVA_ROLES', 'Reject', 'record_images',
+           'is_image_part', 'image_parts', 'draw_shape', 'make_shapes', 'OldFormatError', 'clean_raw_json',
+           'read_raw_json', 'clean_raw_dir', 'check_box', 'Sample', 'storage_name', 'tokenizer_specials',
+           'special_tokens_in', 'sample_texts', 'text_problems', 'convert_sample', 'read_raw', 'llava_messages',
+           'read_llava', 'read_coco', 'ConversionSummary', 'convert', 'normalize_text', 'record_text', 'find_leaks',
            'ValidationReport', 'resolve_inside', 'check_record', 'read_jsonl', 'validate']
 
 # %% ../nbs/02_data.ipynb #02-data-006
 BOX_FORMAT = 'xyxy_px'
-RECORD_KEYS = {'id': str, 'image': str, 'orig_size': list, 'size': list, 'resize': dict, 'box_format': str,
-               'objects': list, 'conversations': (list, type(None)), 'image_sha256': str, 'source': str, 'split': str}
+RECORD_KEYS = {'id': str, 'resize': dict, 'box_format': str, 'objects': list, 'conversations': (list, type(None)),
+               'source': str, 'split': str}   # keys of every record
+IMAGE_KEYS = {'image': str, 'orig_size': list, 'size': list, 'image_sha256': str}   # keys of one stored image
 
 class Reject(ValueError):
     "An input that cannot become a record; the message names the file or record and the problem."
+
+def record_images(rec: dict, # one record of any shape (one image, several, text-only)
+                 ) -> list[dict]:
+    "The record's images as a list of `{'image', 'orig_size', 'size', 'image_sha256'}` entries (`[]` for text-only)."
+    if 'images' in rec:
+        if 'image' in rec: raise Reject("record has both 'image' and 'images' (one image: 'image'; several: 'images' only)")
+        if not isinstance(rec['images'], list) or not all(isinstance(e, dict) for e in rec['images']):
+            raise Reject(f"'images' must be a list of {{{', '.join(IMAGE_KEYS)}}} objects, got {rec['images']!r}"[:300])
+        return [dict(e) for e in rec['images']]
+    if 'image' in rec: return [{k: rec[k] for k in IMAGE_KEYS if k in rec}]
+    return []
+
+def is_image_part(part: Any, # one part of a message's content list
+                 ) -> bool:
+    "Whether the chat renderer (`vlmlab.tokens.chatml_segments`) draws `part` as an image: `{'type': 'image'}`, `{'image': ...}`, `{'image_url': ...}`."
+    if not isinstance(part, dict): return False
+    try: segs = chatml_segments([{'role': 'user', 'content': [part]}], 'qwen2_5_vl')   # the renderer's own reading of the part
+    except (TypeError, ValueError): return False   # not a part the renderer knows: refused elsewhere, never counted as an image
+    return any(s.kind == 'image' for s in segs)
+
+def image_parts(conversations: list | None, # chat messages
+               ) -> int:
+    "The number of image parts in the messages, counted as the renderer reads them (`is_image_part`)."
+    return sum(1 for m in conversations or [] if isinstance(m, dict) and isinstance(m.get('content'), list)
+               for p in m['content'] if is_image_part(p))
+
 
 # %% ../nbs/02_data.ipynb #02-data-008
 SHAPE_COLORS = {'red': (220, 40, 40), 'green': (40, 170, 60), 'blue': (40, 80, 220), 'yellow': (230, 200, 30),
@@ -123,7 +160,7 @@ def read_raw_json(path: str | Path, # a raw annotation JSON file
                  ) -> dict:
     "Parse and shape-check one raw annotation file."
     path = Path(path)
-    try: raw = json.loads(path.read_text(encoding='utf-8'))
+    try: raw = json.loads(path.read_text(encoding='utf-8-sig'))
     except (OSError, UnicodeDecodeError) as e: raise Reject(f"{path}: cannot read ({e})") from e
     except json.JSONDecodeError as e: raise Reject(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
     except RecursionError: raise Reject(f"{path}: JSON nested too deeply to read") from None
@@ -140,29 +177,17 @@ def clean_raw_dir(folder: str | Path, # folder of raw annotation JSON files
     "Rewrite every old-format raw JSON in `folder` in the current format, atomically; return counts."
     counts = {'migrated': 0, 'current': 0, 'failed': 0}
     for p in sorted(Path(folder).glob('*.json')):
-        try: raw = json.loads(p.read_text(encoding='utf-8'))
+        try: raw = json.loads(p.read_text(encoding='utf-8-sig'))
         except (OSError, ValueError, RecursionError): counts['failed'] += 1; continue
         if not isinstance(raw, list): counts['current'] += 1; continue
-        try: write_atomic(p, json.dumps(clean_raw_json(raw, p)).encode())
+        try:
+            clean = clean_raw_json(raw, p)
+            try: data = json.dumps(clean, ensure_ascii=False).encode('utf-8')   # non-ASCII stays UTF-8, not \u escapes
+            except UnicodeEncodeError: data = json.dumps(clean).encode()       # a lone surrogate stays as the input had it
+            write_atomic(p, data)
         except Reject: counts['failed'] += 1; continue
         counts['migrated'] += 1
     return counts
-
-# %% ../nbs/02_data.ipynb #02-data-016
-def write_atomic(path: str | Path, # destination
-                 data: bytes, # full content
-                ) -> None:
-    "Write `data` to `path` via a temporary file and a rename, so no partial file is ever visible."
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, 'wb') as f:
-            f.write(data); f.flush(); os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e: raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from e   # ENOSPC names no file by itself
-    finally:
-        try: tmp.unlink(missing_ok=True)
-        except OSError: pass
 
 # %% ../nbs/02_data.ipynb #02-data-019
 BOX_TOLERANCE = 0.5  # pixels a box may overshoot the image border (annotation tools round)
@@ -195,62 +220,222 @@ def check_box(bbox: Any, # the box as read from the input
 # %% ../nbs/02_data.ipynb #02-data-022
 @dataclass
 class Sample:
-    "One input before conversion: where it came from, its image and its annotations."
+    "One input before conversion: where it came from, its images and its annotations."
     id: str                                  # unique sample id
     source: str                              # input file (and index) for messages
-    image_path: Path | None                  # image file (None when the input could not name one)
+    image_path: Path | list[Path] | None     # image file; a list for several images; None: text-only (or `error` is set)
     objects: list = field(default_factory=list)  # [{'bbox': [x1, y1, x2, y2] in displayed pixels, 'label': str}]
     conversations: list | None = None        # chat messages, if the source had them
     expected_size: tuple[int, int] | None = None  # (w, h) the annotation claims (COCO), checked against the image
     error: str | None = None                 # set by readers for inputs that are already known to be bad
 
-def _safe_name(s: str) -> str:
-    return re.sub(r'[^A-Za-z0-9._-]+', '_', s)[:120] or 'sample'
+    @property
+    def image_paths(self) -> list[Path]:
+        "The sample's image files in placeholder order (`[]` for text-only)."
+        if self.image_path is None: return []
+        return [Path(p) for p in self.image_path] if isinstance(self.image_path, (list, tuple)) else [Path(self.image_path)]
 
+def storage_name(sample_id: str, # the raw sample id, any text
+                ) -> str:
+    "A file-name stem for `sample_id`: a readable ASCII slug plus 12 hex digits of the id's sha256 (unique by construction)."
+    ascii_id = unicodedata.normalize('NFKD', sample_id).encode('ascii', 'ignore').decode()
+    slug = re.sub(r'[^A-Za-z0-9._-]+', '_', ascii_id).strip('._')[:48] or 'sample'
+    return f"{slug}-{hashlib.sha256(sample_id.encode('utf-8', 'surrogatepass')).hexdigest()[:12]}"
+
+
+# %% ../nbs/02_data.ipynb #02-data-022t
+SPECIAL_TEXTS = tuple(t.text for t in SPECIAL_TOKENS)
+QWEN_ADDED_TEXTS = ('<tool_call>', '</tool_call>', '<tool_response>', '</tool_response>', '<think>', '</think>')  # not <|..|>-shaped
+ANSWER_NOTATION = ('<think>', '</think>', '<tool_call>', '</tool_call>')   # an answer's own notation, allowed in answers
+_MARKUP_RE = re.compile(r'<\|[A-Za-z0-9_.-]{1,64}\|>')          # the shape of every Qwen special token
+_NUM = r'\s*\d+(?:\.\d+)?\s*'
+_GROUNDING_RE = re.compile(r'<\|object_ref_start\|>[^<>|]*<\|object_ref_end\|>'
+                           rf'|<\|box_start\|>\s*\({_NUM},{_NUM}\)\s*,\s*\({_NUM},{_NUM}\)\s*<\|box_end\|>'
+                           rf'|<\|quad_start\|>(?:\s*\({_NUM},{_NUM}\)\s*,?){{4}}\s*<\|quad_end\|>')
+
+def tokenizer_specials(tokenizer) -> tuple[str, ...]:
+    "Every special and added token of a transformers tokenizer: text it would read as one token, never as characters."
+    if tokenizer is None: return ()
+    toks = set(getattr(tokenizer, 'all_special_tokens', []) or [])
+    toks |= {str(t) for t in (getattr(tokenizer, 'added_tokens_decoder', None) or {}).values()}
+    try: toks |= set(tokenizer.get_added_vocab())
+    except Exception: pass
+    return tuple(sorted(t for t in toks if t and t.strip()))
+
+def special_tokens_in(text: str, # one text of a sample
+                      extra: Iterable[str] = (), # more tokens to refuse (a tokenizer's, `tokenizer_specials`)
+                      answer: bool = False, # an assistant turn: Qwen2-VL grounding notation in it is boxes, allowed
+                     ) -> list[str]:
+    "The special / added tokens `text` spells (sorted); in answers Qwen2-VL grounding, think and tool-call notation excepted."
+    if answer: text = _GROUNDING_RE.sub(' ', text)
+    found = set(_MARKUP_RE.findall(text)) | {t for t in SPECIAL_TEXTS + QWEN_ADDED_TEXTS + tuple(extra) if t in text}
+    return sorted(found - set(ANSWER_NOTATION) if answer else found)
+
+def sample_texts(sid: Any, source: Any, objects: Any, conversations: Any) -> Iterator[tuple[str, str, bool]]:
+    "(where, text, is_answer) for every text of a sample or record: id, source, labels, conversation turns."
+    yield 'id', sid, False
+    yield 'source', source, False
+    for k, o in enumerate(objects if isinstance(objects, list) else []):
+        if isinstance(o, dict):   # the text conversion takes: label, else desc, else description
+            key = next((key for key in ('label', 'desc', 'description') if key in o), None)
+            if key and isinstance(o[key], str): yield f"object {k} {key}", o[key], False
+    for k, m in enumerate(conversations if isinstance(conversations, list) else []):
+        if not isinstance(m, dict): continue
+        c, ans = m.get('content'), m.get('role') == 'assistant'
+        if isinstance(c, str): yield f"turn {k} ({m.get('role')})", c, ans
+        elif isinstance(c, list):
+            for j, p in enumerate(c):
+                if isinstance(p, dict) and isinstance(p.get('text'), str): yield f"turn {k} ({m.get('role')}) part {j}", p['text'], ans
+
+def text_problems(sid: Any, source: Any, objects: Any, conversations: Any, # the sample's or record's fields
+                  extra: Iterable[str] = (), # a tokenizer's special tokens, refused as well
+                 ) -> list[str]:
+    "Every un-encodable text and every spelled special token of a sample, each naming where it is."
+    out, extra = [], tuple(extra)
+    for where, text, answer in sample_texts(sid, source, objects, conversations):
+        if not isinstance(text, str): continue
+        try: text.encode('utf-8')
+        except UnicodeEncodeError as e:
+            bad = text[e.start]
+            hint = ' (a file name that is not UTF-8: rename the file)' if where == 'source' or 0xDC80 <= ord(bad) <= 0xDCFF else \
+                   ' (a lone surrogate: the text was decoded wrongly; fix the input encoding)'
+            out.append(f"{where} holds U+{ord(bad):04X} at character {e.start}, which UTF-8 cannot encode{hint}: "
+                       f"{text[:60].encode('utf-8', 'backslashreplace').decode()!r}")
+            continue
+        if toks := special_tokens_in(text, extra, answer):
+            out.append(f"{where} spells the special token(s) {', '.join(toks)}: the tokenizer would read them as markup "
+                       f"({'only the grounding notation of an answer is allowed' if answer else 'remove them from the text'})")
+    return out
+
+
+# %% ../nbs/02_data.ipynb #02-data-022b
+def _load_resized(path: Path, spec: ResizeSpec, min_side: int | None, src: str,
+                  expected_size: tuple[int, int] | None = None, cap: int | None = None,
+                 ) -> tuple[Image.Image, tuple[int, int], tuple[int, int], list[str]]:
+    "One source image checked from its header, loaded (EXIF applied, RGB) and resized once: (image, (w, h), (rw, rh), notes)."
+    cap = cap or spec.max_decode_pixels
+    info = image_info(path, cap)   # a FIFO, a device, a header past the decode cap: refused before any pixel is decoded
+    img = load_image(path, cap)
+    w, h = img.size
+    if expected_size and tuple(expected_size) != (w, h):
+        raise Reject(f"{src}: annotation says {expected_size[0]}x{expected_size[1]} but {path.name} "
+                     f"is {w}x{h} as displayed (EXIF orientation applied): boxes would not match the pixels")
+    if min(w, h) < (min_side or spec.factor):
+        raise Reject(f"{src}: image {w}x{h} has a side under {min_side or spec.factor} px ({path.name}; one "
+                     f"{spec.factor}x{spec.factor} cell): the processor would upscale it into a blur")
+    try: rh, rw = spec.resize(h, w)
+    except ResizeError as e: raise Reject(f"{src}: {path.name}: {e}") from None
+    return (img if (rw, rh) == (w, h) else img.resize((rw, rh), Image.Resampling.BICUBIC)), (w, h), (rw, rh), info.notes
+
+def _scaled_objects(objects: list, size: tuple[int, int], stored: tuple[int, int], src: str) -> list[dict]:
+    "Objects checked in the displayed image's pixels and scaled into the stored image's."
+    out = []
+    for k, o in enumerate(objects):
+        if not isinstance(o, dict): raise Reject(f"{src} object {k}: expected an object with 'bbox', got {o!r}")
+        label = o.get('label', o.get('desc', o.get('description')))
+        if not isinstance(label, str) or not label.strip(): raise Reject(f"{src} object {k}: missing label/desc text")
+        box = check_box(o.get('bbox'), size, f"{src} object {k}")
+        scaled = [round(v, 3) for v in scale_boxes([box], size, stored)[0].tolist()]
+        if scaled[0] >= scaled[2] or scaled[1] >= scaled[3]:
+            raise Reject(f"{src} object {k}: bbox {o.get('bbox')!r} has no area once scaled to the {stored[0]}x{stored[1]} "
+                         "stored image (thinner than 0.001 px)")
+        out.append({'bbox': scaled, 'label': label.strip()})
+    return out
+
+def _turns(conversations: list | None) -> Iterator[tuple[int, str, Any]]:
+    "(turn index, role, content) of every turn: questions, answers and system prompts alike."
+    for k, m in enumerate(conversations or []):
+        if isinstance(m, dict): yield k, str(m.get('role')), m.get('content')
+
+def _rescaled_turns(conversations: list | None, loaded: list, box_space: str, family: str, src: str) -> list | None:
+    "The conversation with every box of every turn (questions too) rescaled into the family's space for the stored image, or `Reject`."
+    if conversations is None: return None
+    boxes = find_answer_boxes(conversations)   # parts name the turn: (k, 'content', ...)
+    if boxes and len(loaded) != 1:
+        k = boxes[0].part[0]
+        raise Reject(f"{src} turn {k} ({conversations[k].get('role')}): holds boxes but the sample has {len(loaded)} images: "
+                     "which image a box is in is unknown (split it into one-image samples, or remove the boxes)")
+    if not boxes: return [dict(m) if isinstance(m, dict) else m for m in conversations]
+    try: return rescale_answer_text(conversations, box_space, family, loaded[0][1], loaded[0][2], src)   # one space for all turns
+    except AnswerBoxError as e: raise Reject(f"{e} (turn {_turn_of(str(e))})" if _turn_of(str(e)) else str(e)) from None
+
+def _turn_of(msg: str) -> str | None:
+    "The turn index an answer-box message names by its content path (`in [1]['content']...`), if it names one."
+    m = re.search(r" in \[(\d+)\]\['content'\]", msg)
+    return m.group(1) if m else None
+
+def _objects_from_answers(conversations: list | None, family: str, size: tuple[int, int], src: str) -> tuple[list[dict], str | None]:
+    "A one-image record's objects read from its stored answers: every labelled box of every assistant turn, in order, each once."
+    found = []
+    for k, role, content in _turns(conversations):
+        if role != 'assistant': continue   # a question's box names a region asked about, not the objects of the image
+        try: found += answer_objects(content, family, size, f"{src} turn {k}")
+        except AnswerBoxError as e: raise Reject(str(e)) from None
+    if not found: return [], None
+    if any(not (o['label'] or '').strip() for o in found):   # some boxes unnamed: a partial list would teach missing objects
+        return [], "answer boxes without a label: objects left empty (grounding targets need labelled boxes)"
+    out = []
+    for o in found:
+        if o not in out: out.append(o)
+    if probs := text_problems(None, None, out, None): raise Reject(f"{src}: an answer's label: " + '; '.join(probs))
+    return out, None
+
+def _encode_image(img: Image.Image, ext: str) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format='JPEG' if ext == 'jpg' else 'PNG', **({'quality': 95} if ext == 'jpg' else {}))
+    return buf.getvalue()
+
+
+# %% ../nbs/02_data.ipynb #02-data-022c
 def convert_sample(sample: Sample, # the input
                    spec: ResizeSpec, # resize spec of the model family the data is for
                    out_dir: str | Path, # ds_output folder
                    split: str = 'train', # split name recorded in the record
                    image_format: str = 'png', # 'png' (lossless) or 'jpg' (quality 95)
                    min_side: int | None = None, # smallest accepted image side (default: the spec's factor)
+                   box_space: str = 'pixels', # how boxes in answer texts are meant: pixels (of the original), rel1000, rel1, auto
+                   max_decode_pixels: int | None = None, # refuse larger source frames before decoding (default: the spec's)
                   ) -> dict:
-    "Convert one sample: image resized once into `out_dir/images`, boxes scaled by the same spec."
+    "Convert one sample: each image resized once into `out_dir/images/{split}`, boxes scaled by the same spec."
     if sample.error: raise Reject(sample.error)
-    src = f"{sample.source} (sample {sample.id!r})"
-    img = load_image(sample.image_path)
-    w, h = img.size
-    if sample.expected_size and tuple(sample.expected_size) != (w, h):
-        raise Reject(f"{src}: annotation says {sample.expected_size[0]}x{sample.expected_size[1]} but {sample.image_path.name} "
-                     f"is {w}x{h} as displayed (EXIF orientation applied): boxes would not match the pixels")
-    if min(w, h) < (min_side or spec.factor):
-        raise Reject(f"{src}: image {w}x{h} has a side under {min_side or spec.factor} px (one {spec.factor}x{spec.factor} "
-                     "cell); the processor would upscale it into a blur")
-    try: rh, rw = spec.resize(h, w)
-    except ResizeError as e: raise Reject(f"{src}: {e}") from None
-    objects = []
-    for k, o in enumerate(sample.objects):
-        if not isinstance(o, dict): raise Reject(f"{src} object {k}: expected an object with 'bbox', got {o!r}")
-        label = o.get('label', o.get('desc', o.get('description')))
-        if not isinstance(label, str) or not label.strip(): raise Reject(f"{src} object {k}: missing label/desc text")
-        box = check_box(o.get('bbox'), (w, h), f"{src} object {k}")
-        scaled = [round(v, 3) for v in scale_boxes([box], (w, h), (rw, rh))[0].tolist()]
-        if scaled[0] >= scaled[2] or scaled[1] >= scaled[3]:
-            raise Reject(f"{src} object {k}: bbox {o.get('bbox')!r} has no area once scaled to the {rw}x{rh} stored image "
-                         "(thinner than 0.001 px)")
-        objects.append({'bbox': scaled, 'label': label.strip()})
-    resized = img if (rw, rh) == (w, h) else img.resize((rw, rh), Image.Resampling.BICUBIC)
-    ext = 'jpg' if image_format in ('jpg', 'jpeg') else 'png'
-    rel = f"images/{_safe_name(split)}/{_safe_name(sample.id)}.{ext}"
-    buf = io.BytesIO()
-    resized.save(buf, format='JPEG' if ext == 'jpg' else 'PNG', **({'quality': 95} if ext == 'jpg' else {}))
-    data = buf.getvalue()
-    (Path(out_dir) / rel).parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(Path(out_dir) / rel, data)
-    return {'id': sample.id, 'image': rel, 'orig_size': [w, h], 'size': [rw, rh], 'resize': spec.to_dict(),
-            'box_format': BOX_FORMAT, 'objects': objects, 'conversations': sample.conversations,
-            'image_sha256': hashlib.sha256(data).hexdigest(), 'source': sample.source, 'split': split}
+    src, paths = f"{sample.source} (sample {sample.id!r})", sample.image_paths
+    if sample.conversations is not None and image_parts(sample.conversations) != len(paths):
+        raise Reject(f"{src}: {image_parts(sample.conversations)} image parts in the conversation for {len(paths)} image(s)")
+    if not paths and not sample.conversations: raise Reject(f"{src}: a text-only sample needs a conversation")
+    if len(paths) != 1 and sample.objects:
+        raise Reject(f"{src}: {len(sample.objects)} objects with boxes on a sample with {len(paths)} images: a box needs "
+                     "exactly one image it lies in")
+    cap = max_decode_pixels or spec.max_decode_pixels
+    loaded = [_load_resized(p, spec, min_side, src, sample.expected_size if len(paths) == 1 else None, cap) for p in paths]
+    objects = _scaled_objects(sample.objects, loaded[0][1], loaded[0][2], src) if loaded else []
+    conversations = _rescaled_turns(sample.conversations, loaded, box_space, spec.family, src)
+    answer_note = None
+    if loaded and not objects:   # LLaVA and conversation-only raw records: the answers' labelled boxes are the objects
+        objects, answer_note = _objects_from_answers(conversations, spec.family, loaded[0][2], src)
+    ext, stem = ('jpg' if image_format in ('jpg', 'jpeg') else 'png'), storage_name(sample.id)
+    entries = []
+    for k, (img, size, stored, _) in enumerate(loaded):
+        data = _encode_image(img, ext)
+        sha = hashlib.sha256(data).hexdigest()
+        rel = f"images/{split}/{stem}{'' if len(loaded) == 1 else f'-{k}'}-{sha[:12]}.{ext}"   # content-addressed
+        (Path(out_dir) / rel).parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(Path(out_dir) / rel, data)
+        entries.append({'image': rel, 'orig_size': list(size), 'size': list(stored), 'image_sha256': sha})
+    one = entries[0] if len(entries) == 1 else {}
+    rec = {'id': sample.id, **({'image': one['image'], 'orig_size': one['orig_size'], 'size': one['size']} if one else {}),
+           **({'images': entries} if len(entries) > 1 else {}),
+           'resize': spec.to_dict(), 'box_format': BOX_FORMAT, 'objects': objects, 'conversations': conversations,
+           **({'image_sha256': one['image_sha256']} if one else {}), 'source': sample.source, 'split': split,
+           **({'box_space': box_space} if conversations is not None else {}),
+           **({'notes': notes} if (notes := [n if len(loaded) == 1 else f"images[{k}]: {n}"
+                                             for k, (*_, ns) in enumerate(loaded) for n in ns] + ([answer_note] if answer_note else [])) else {})}
+    return rec
+
 
 # %% ../nbs/02_data.ipynb #02-data-025
+def _is_int(v: Any) -> bool: return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
+def _is_num(v: Any) -> bool: return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
+
 def read_raw(paths: Iterable[str | Path], # raw annotation JSON files
              migrate_old: bool = False, # migrate old list-shaped files instead of rejecting them
             ) -> Iterator[Sample]:
@@ -261,14 +446,32 @@ def read_raw(paths: Iterable[str | Path], # raw annotation JSON files
         except Reject as e:
             yield Sample(p.stem, str(p), None, error=str(e)); continue
         objs = [dict(o, label=o.get('desc', o.get('label'))) if isinstance(o, dict) else o for o in raw.get('objects', [])]
-        yield Sample(p.stem, str(p), p.parent / raw['image'], objs)
+        try: conv = _raw_conversations(raw.get('conversations'), str(p))
+        except Reject as e: yield Sample(p.stem, str(p), None, error=str(e)); continue
+        yield Sample(p.stem, str(p), p.parent / raw['image'], objs, conv)
+
+def _raw_conversations(conv: Any, where: str) -> list | None:
+    "A raw file's optional conversation: LLaVA turns (`from`/`value`, one `<image>`) or chat messages (one image part)."
+    if conv is None: return None
+    if not isinstance(conv, list) or not conv: raise Reject(f"{where}: 'conversations' must be a non-empty list of turns")
+    if all(isinstance(t, dict) and 'from' in t for t in conv): return llava_messages(conv, where, 1)
+    for k, m in enumerate(conv):
+        c = m.get('content') if isinstance(m, dict) else None
+        if not (isinstance(m, dict) and m.get('role') in ('system', 'user', 'assistant') and
+                (isinstance(c, str) or isinstance(c, list) and all(isinstance(q, dict) and
+                 (q.get('type') == 'image' or q.get('type') == 'text' and isinstance(q.get('text'), str)) for q in c))):
+            raise Reject(f"{where} turn {k}: expected {{'role': system|user|assistant, 'content': str or "
+                         f"[{{'type': 'image'}} | {{'type': 'text', 'text': str}}]}}, got {m!r}"[:300])
+    if not any(m['role'] == 'assistant' for m in conv): raise Reject(f"{where}: no assistant turn to learn from")
+    return [dict(m, content=[dict(q) for q in m['content']] if isinstance(m['content'], list) else m['content']) for m in conv]
 
 LLAVA_ROLES = {'human': 'user', 'user': 'user', 'gpt': 'assistant', 'assistant': 'assistant', 'system': 'system'}
 
 def llava_messages(conversations: list, # LLaVA turns: {'from', 'value'}
                    where: str, # names the record in errors
+                   n_images: int = 1, # images the sample names: exactly this many `<image>` placeholders
                   ) -> list[dict]:
-    "LLaVA turns as chat messages, the `<image>` placeholder turned into an image part."
+    "LLaVA turns as chat messages, each `<image>` placeholder turned into an image part."
     msgs, n_img = [], 0
     for k, t in enumerate(conversations):
         if not isinstance(t, dict) or t.get('from') not in LLAVA_ROLES or not isinstance(t.get('value'), str):
@@ -282,7 +485,9 @@ def llava_messages(conversations: list, # LLaVA turns: {'from', 'value'}
                 if piece.strip('\n'): parts.append({'type': 'text', 'text': piece.strip('\n')})
             msgs.append({'role': role, 'content': parts})
         else: msgs.append({'role': role, 'content': value})
-    if n_img != 1: raise Reject(f"{where}: {n_img} <image> placeholders; one image per sample is supported")
+    if n_img != n_images:
+        raise Reject(f"{where}: {n_img} <image> placeholders for {n_images} image(s) in 'image': put one <image> in the "
+                     "text where each image goes (none for a text-only sample without 'image')")
     if not any(m['role'] == 'assistant' for m in msgs): raise Reject(f"{where}: no assistant (gpt) turn to learn from")
     return msgs
 
@@ -291,7 +496,7 @@ def read_llava(path: str | Path, # LLaVA-style JSON list
               ) -> Iterator[Sample]:
     "Samples from a LLaVA-style conversation JSON."
     path = Path(path); root = Path(image_root) if image_root else path.parent
-    try: items = json.loads(path.read_text(encoding='utf-8'))
+    try: items = json.loads(path.read_text(encoding='utf-8-sig'))
     except (OSError, UnicodeDecodeError) as e: raise Reject(f"{path}: cannot read ({e})") from e
     except json.JSONDecodeError as e: raise Reject(f"{path}: malformed JSON at line {e.lineno}: {e.msg}") from e
     except RecursionError: raise Reject(f"{path}: JSON nested too deeply to read") from None
@@ -300,9 +505,16 @@ def read_llava(path: str | Path, # LLaVA-style JSON list
         where = f"{path}[{k}]"
         sid = str(it.get('id', f'{path.stem}-{k}')) if isinstance(it, dict) else f'{path.stem}-{k}'
         try:
-            if not isinstance(it, dict) or not isinstance(it.get('image'), str): raise Reject(f"{where}: missing 'image'")
+            if not isinstance(it, dict):
+                raise Reject(f"{where}: missing 'image' and 'conversations': a LLaVA sample is an object, got {it!r}"[:300])
+            img = it.get('image')
+            if img is None: paths = None                                  # text-only
+            elif isinstance(img, str) and img: paths = root / img
+            elif isinstance(img, list) and img and all(isinstance(x, str) and x for x in img): paths = [root / x for x in img]
+            else: raise Reject(f"{where}: 'image' must be a file name, a list of file names, or absent (text-only), got {img!r}"[:300])
             if not isinstance(it.get('conversations') or [], list): raise Reject(f"{where}: 'conversations' must be a list of turns")
-            yield Sample(sid, where, root / it['image'], [], llava_messages(it.get('conversations') or [], where))
+            n = 0 if paths is None else len(paths) if isinstance(paths, list) else 1
+            yield Sample(sid, where, paths, [], llava_messages(it.get('conversations') or [], where, n))
         except Reject as e: yield Sample(sid, where, None, error=str(e))
 
 def read_coco(path: str | Path, # COCO detection JSON
@@ -311,13 +523,13 @@ def read_coco(path: str | Path, # COCO detection JSON
              ) -> Iterator[Sample]:
     "Samples from a COCO detection JSON: one per image, boxes converted from [x, y, w, h]."
     path = Path(path); root = Path(image_root) if image_root else path.parent
-    try: coco = json.loads(path.read_text(encoding='utf-8'))
+    try: coco = json.loads(path.read_text(encoding='utf-8-sig'))
     except (OSError, UnicodeDecodeError) as e: raise Reject(f"{path}: cannot read ({e})") from e
     except json.JSONDecodeError as e: raise Reject(f"{path}: malformed JSON at line {e.lineno}: {e.msg}") from e
     except RecursionError: raise Reject(f"{path}: JSON nested too deeply to read") from None
     if not isinstance(coco, dict) or not isinstance(coco.get('images'), list):
         raise Reject(f"{path}: not a COCO detection file (no 'images' list)")
-    is_id = lambda v: isinstance(v, (int, str))
+    is_id = lambda v: isinstance(v, str) or _is_int(v)
     cats, anns = coco.get('categories', []), coco.get('annotations', [])
     if not (isinstance(cats, list) and all(isinstance(c, dict) and is_id(c.get('id')) and isinstance(c.get('name'), str) for c in cats)):
         raise Reject(f"{path}: 'categories' must be a list of {{'id', 'name'}} objects")
@@ -339,13 +551,16 @@ def read_coco(path: str | Path, # COCO detection JSON
                 err = f"{where} annotation {a.get('id')}: bbox must be [x, y, w, h], got {b!r}"; break
             if not is_id(a.get('category_id')) or a.get('category_id') not in cats:
                 err = f"{where} annotation {a.get('id')}: unknown category_id {a.get('category_id')!r}"; break
-            if all(isinstance(v, (int, float)) for v in b) and (b[2] <= 0 or b[3] <= 0):
+            if all(_is_num(v) for v in b) and (b[2] <= 0 or b[3] <= 0):
                 err = f"{where} annotation {a.get('id')}: bbox {b!r} has a width or height <= 0 (COCO boxes are [x, y, w, h])"; break
-            objs.append({'bbox': [b[0], b[1], b[0] + b[2], b[1] + b[3]] if all(isinstance(v, (int, float)) for v in b) else b,
+            objs.append({'bbox': [b[0], b[1], b[0] + b[2], b[1] + b[3]] if all(_is_num(v) for v in b) else b,
                          'label': cats[a['category_id']]})
         fn = im.get('file_name')
         if err is None and not isinstance(fn, str): err = f"{where}: missing file_name"
-        size = (im['width'], im['height']) if isinstance(im.get('width'), int) and isinstance(im.get('height'), int) else None
+        bad_size = [k for k in ('width', 'height') if k in im and not (_is_int(im[k]) and im[k] > 0)]
+        if err is None and bad_size:
+            err = f"{where}: {bad_size[0]} {im[bad_size[0]]!r} is not a positive integer (COCO sizes are pixel counts)"
+        size = (im['width'], im['height']) if 'width' in im and 'height' in im and not bad_size else None
         yield Sample(sid, where, root / fn if isinstance(fn, str) else None, objs, None, size, err)
 
 # %% ../nbs/02_data.ipynb #02-data-027
@@ -377,23 +592,63 @@ def _reason_kind(msg: str) -> str:
     "A short category for a rejection message, for the summary."
     for key in ('old list-shaped', 'malformed JSON', 'file not found', 'cannot decode', 'non-finite', 'x1 >= x2', 'y1 >= y2',
                 'outside the', 'annotation says', 'side under', 'aspect ratio', 'disagree', 'duplicate id', 'placeholders',
-                'missing', 'must be 4 numbers', 'no assistant'):
+                'missing', 'must be 4 numbers', 'no assistant', 'special token', 'UTF-8', 'worker process', 'not a positive integer',
+                'image parts', 'unexpected', 'holds boxes', 'answer', 'not a regular', 'max_decode_pixels'):
         if key in msg: return key
     return 'other'
 
-def _image_notes(path: Path | None) -> list[str]:
-    "What loading this image will change: EXIF orientation, colour mode."
-    if path is None or not Path(path).exists(): return []
-    try:
-        with Image.open(path) as im: o, mode = im.getexif().get(0x0112, 1), im.mode
-    except Exception: return []
-    return ([f'EXIF orientation {o} applied'] if o not in (0, 1) else []) + \
-           ([f'converted from {mode} to RGB'] if mode not in ('RGB', 'L', 'P') else [])
+_OUTPUT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)   # the output cannot be written: stop the run, do not reject
 
-def _convert_task(args) -> tuple[str, Any, list[str]]:
-    sample, spec, out_dir, split, image_format, min_side = args
-    try: return 'ok', convert_sample(sample, spec, out_dir, split, image_format, min_side), _image_notes(sample.image_path)
-    except (Reject, ImageLoadError) as e: return 'reject', str(e), []
+def _record_line(rec: dict, src: str) -> bytes:
+    "The record as one UTF-8 JSONL line (non-ASCII as UTF-8, not \\u escapes); `Reject` if some text cannot be encoded."
+    try: return (json.dumps(rec, ensure_ascii=False) + '\n').encode('utf-8')
+    except UnicodeEncodeError as e: raise Reject(f"{src}: a text cannot be written as UTF-8 ({e.reason} at {e.start})") from None
+
+def _convert_task(args) -> tuple[str, Any, bytes | None, list[str]]:
+    "Convert one sample in a worker: ('ok', record, its JSONL line, notes) or ('reject', reason, None, [])."
+    sample, spec, out_dir, split, image_format, min_side, extra, box_space, max_decode_pixels = args
+    src = f"{sample.source} (sample {sample.id!r})"
+    try:
+        if sample.error is None and (probs := text_problems(sample.id, sample.source, sample.objects, sample.conversations, extra)):
+            raise Reject(f"{src}: " + '; '.join(probs))
+        rec = convert_sample(sample, spec, out_dir, split, image_format, min_side, box_space, max_decode_pixels)
+        return 'ok', rec, _record_line(rec, src), list(dict.fromkeys(re.sub(r'^images\[\d+\]: ', '', n) for n in rec.get('notes', [])))
+    except (Reject, ImageLoadError) as e: return 'reject', str(e), None, []
+    except OSError as e:
+        if e.errno in _OUTPUT_ERRNOS: raise
+        return 'reject', f"{src}: {type(e).__name__}: {e}", None, []
+    except MemoryError: return 'reject', f"{src}: out of memory while converting it", None, []
+    except Exception as e:   # one input never ends the run; the reason says what broke
+        return 'reject', f"{src}: unexpected {type(e).__name__} while converting: {e}", None, []
+
+def _worker_died(sample: Sample) -> tuple[str, str, None, list]:
+    return ('reject', f"{sample.source} (sample {sample.id!r}): the worker process converting it died (killed by a signal, "
+                      "e.g. the out-of-memory killer); the other inputs were converted", None, [])
+
+def _run_tasks(tasks: list, workers: int, bar: dict) -> list:
+    "Results of `_convert_task` in task order. A task whose worker dies is found by bisection and rejected alone."
+    results: list = [None] * len(tasks)
+    with tqdm(**bar) as pbar:
+        if workers <= 1 or len(tasks) <= 1:
+            for i, t in enumerate(tasks): results[i] = _convert_task(t); pbar.update()
+            return results
+        groups = [list(range(len(tasks)))]
+        while groups:
+            group, broken = groups.pop(), []
+            with ProcessPoolExecutor(min(workers, len(group))) as ex:
+                futs = {}
+                for j, i in enumerate(group):
+                    try: futs[ex.submit(_convert_task, tasks[i])] = i
+                    except BrokenProcessPool: broken += group[j:]; break   # a worker died while the rest was submitted
+                for f in as_completed(futs):
+                    try: results[futs[f]] = f.result(); pbar.update()
+                    except BrokenProcessPool: broken.append(futs[f])
+            if len(broken) == 1 or len(group) == 1:   # it ran alone, or was the only one not finished: it killed its worker
+                for i in broken: results[i] = _worker_died(tasks[i][0]); pbar.update()
+            elif broken:
+                broken.sort(); half = len(broken) // 2
+                groups += [broken[half:], broken[:half]]
+    return results
 
 def _iter_samples(inputs: list[Path], fmt: str, migrate_old: bool, image_root) -> Iterator[Sample]:
     for inp in inputs:
@@ -401,10 +656,10 @@ def _iter_samples(inputs: list[Path], fmt: str, migrate_old: bool, image_root) -
         if kind == 'auto':
             if inp.is_dir(): kind = 'raw'
             else:
-                try: head = json.loads(inp.read_text(encoding='utf-8'))
+                try: head = json.loads(inp.read_text(encoding='utf-8-sig'))
                 except (OSError, ValueError, RecursionError): head = None
-                kind = 'coco' if isinstance(head, dict) and 'annotations' in head else \
-                       'llava' if isinstance(head, list) and head and isinstance(head[0], dict) and 'conversations' in head[0] else 'raw'
+                kind = 'coco' if isinstance(head, dict) and ('annotations' in head or {'images', 'categories'} <= head.keys()) else \
+                       'llava' if isinstance(head, list) and any(isinstance(h, dict) and 'conversations' in h for h in head) else 'raw'
         try:
             if kind == 'raw': yield from read_raw(sorted(inp.glob('*.json')) if inp.is_dir() else [inp], migrate_old)
             elif kind == 'llava': yield from read_llava(inp, image_root)
@@ -424,47 +679,68 @@ def convert(inputs: str | Path | list, # raw JSON folder(s)/files, a LLaVA JSON 
             image_format: str = 'png', # stored image format: png or jpg
             min_side: int | None = None, # smallest accepted image side (default: the spec's factor)
             progress: bool = True, # show a progress bar
+            tokenizer: Any = None, # the model's tokenizer: its special / added tokens are refused in texts as well
+            box_space: str = 'pixels', # how boxes in answer texts are meant: pixels (of the original image), rel1000, rel1, auto
+            max_decode_pixels: int | None = None, # refuse larger source frames before decoding (default: `spec.max_decode_pixels`)
            ) -> ConversionSummary:
-    "Convert annotations into `out_dir/{split}.jsonl` plus resized images; account for every input."
+    "Convert annotations into `out_dir/{split}.jsonl` plus resized images, committed with a manifest; account for every input."
     spec = spec or ResizeSpec.for_family('qwen2_5_vl')
-    if not re.fullmatch(r'[A-Za-z0-9_][A-Za-z0-9._-]{0,119}', split):
-        raise ValueError(f"split name {split!r} must be a plain name (letters, digits, '.', '_', '-'; not starting with '.'): "
-                         f"it names {split}.jsonl inside {out_dir}")
+    if not re.fullmatch(r'[A-Za-z0-9_][A-Za-z0-9._-]{0,119}', split) or split.endswith(('.rejects', '.summary', '.manifest')):
+        raise ValueError(f"split name {split!r} must be a plain name (letters, digits, '.', '_', '-'; not starting with '.', "
+                         f"not ending in .rejects/.summary/.manifest): it names {split}.jsonl inside {out_dir}")
+    if box_space not in SOURCE_SPACES: raise ValueError(f"box_space {box_space!r}: use one of {', '.join(SOURCE_SPACES)}")
+    if max_decode_pixels is not None and not (_is_int(max_decode_pixels) and max_decode_pixels > 0):
+        raise ValueError(f"max_decode_pixels {max_decode_pixels!r} must be a positive number of pixels (None: the spec's "
+                         f"{spec.max_decode_pixels:,})")
     out = Path(out_dir)
+    inputs = [Path(p) for p in (inputs if isinstance(inputs, (list, tuple)) else [inputs])]
+    for p in inputs:
+        if not p.exists(): raise FileNotFoundError(f"input {p} does not exist")
+    samples, seen = [], set()   # read before anything is written: zero inputs leave the output folder untouched
+    for s in _iter_samples(inputs, fmt, migrate_old, image_root):
+        if s.error is None and s.id in seen: s.error = f"{s.source}: duplicate id {s.id!r} (ids name the stored images)"
+        seen.add(s.id); samples.append(s)
+    if not samples:
+        raise ValueError(f"no annotation inputs in {', '.join(map(str, inputs))} (a folder of raw JSON files, a LLaVA or a COCO "
+                         f"JSON; fmt={fmt!r}): nothing was written, {out} is as it was")
     try: (out / 'images' / split).mkdir(parents=True, exist_ok=True)
     except OSError as e: raise OSError(e.errno, f"output directory {out}: cannot create it ({e.strerror})") from None
     try:
         with tempfile.TemporaryFile(dir=out / 'images' / split): pass   # writable? (root ignores permissions, not read-only mounts)
     except OSError as e:
         raise OSError(e.errno, f"output directory {out}: not writable ({errno.errorcode.get(e.errno, e.errno)}: {e.strerror})") from None
-    for stale in list(out.glob('.*.tmp-*')) + list((out / 'images' / split).glob('.*.tmp-*')): stale.unlink(missing_ok=True)
-    inputs = [Path(p) for p in (inputs if isinstance(inputs, (list, tuple)) else [inputs])]
-    for p in inputs:
-        if not p.exists(): raise FileNotFoundError(f"input {p} does not exist")
-    samples, seen = [], set()
-    for s in _iter_samples(inputs, fmt, migrate_old, image_root):
-        if s.error is None and s.id in seen: s.error = f"{s.source}: duplicate id {s.id!r} (ids name the stored images)"
-        seen.add(s.id); samples.append(s)
-    records, rejects, notes = [], [], {}
-    tasks = [(s, spec, str(out), split, image_format, min_side) for s in samples]
-    bar = dict(total=len(tasks), desc=f'convert {split}', unit='img', disable=not progress)
-    if workers > 1 and len(tasks) > 1:
-        with ProcessPoolExecutor(workers) as ex:
-            results = list(tqdm(ex.map(_convert_task, tasks, chunksize=max(1, len(tasks) // (workers * 8))), **bar))
-    else: results = [_convert_task(t) for t in tqdm(tasks, **bar)]
-    for s, (status, val, sample_notes) in zip(samples, results):
-        if status == 'ok': records.append(val)
-        else: rejects.append({'id': s.id, 'source': s.source, 'reason': val})
-        for n in sample_notes: notes.setdefault(n, []).append(s.id)
-    reasons: dict[str, int] = {}
-    for r in rejects: reasons[_reason_kind(r['reason'])] = reasons.get(_reason_kind(r['reason']), 0) + 1
-    summary = ConversionSummary(len(samples), len(records), len(rejects), reasons, str(out), split, spec.to_dict(), notes)
-    jsonl = lambda rows: ''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in rows).encode()
-    write_atomic(out / f'{split}.jsonl', jsonl(records))
-    write_atomic(out / f'{split}.rejects.jsonl', jsonl(rejects))
-    write_atomic(out / f'{split}.summary.json', json.dumps(dict(summary.__dict__, balanced=summary.balanced), indent=1).encode())
-    assert summary.balanced, f"conversion lost inputs: {summary}"
+    run_id = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+    with output_lock(out, run_id):
+        clean_stale_temps([out, out / 'images' / split])
+        extra = tokenizer_specials(tokenizer)
+        tasks = [(s, spec, str(out), split, image_format, min_side, extra, box_space, max_decode_pixels) for s in samples]
+        results = _run_tasks(tasks, workers, dict(total=len(tasks), desc=f'convert {split}', unit='img', disable=not progress))
+        lines, rejects, notes, images = [], [], {}, {}
+        for s, (status, val, line, sample_notes) in zip(samples, results):
+            if status == 'ok':
+                entries = record_images(val)
+                if clash := [e['image'] for e in entries if e['image'] in images]:   # unique by construction; checked
+                    status, val = 'reject', f"{s.source} (sample {s.id!r}): stored image {clash[0]} is already another record's"
+                else:
+                    images.update({e['image']: e['image_sha256'] for e in entries}); lines.append(line)
+            if status != 'ok': rejects.append({'id': s.id, 'source': s.source, 'reason': val})
+            for n in sample_notes: notes.setdefault(n, []).append(s.id)
+        reasons: dict[str, int] = {}
+        for r in rejects: reasons[_reason_kind(r['reason'])] = reasons.get(_reason_kind(r['reason']), 0) + 1
+        summary = ConversionSummary(len(samples), len(lines), len(rejects), reasons, str(out), split, spec.to_dict(), notes)
+        assert summary.balanced, f"conversion lost inputs: {summary}"
+        files = dict(zip(split_files(split), (b''.join(lines), b''.join(_safe_line(r) for r in rejects),
+                                              _safe_line(dict(summary.__dict__, balanced=summary.balanced, run_id=run_id)))))
+        commit_split(out, split, files, images, {'inputs': summary.inputs, 'written': summary.written,
+                                                 'rejected': summary.rejected}, run_id, write=write_atomic)
+        remove_unreferenced_images(out, split, images)
     return summary
+
+def _safe_line(row: dict) -> bytes:
+    "A reject or summary as a JSON line: UTF-8 where it can be, text that UTF-8 cannot encode kept as JSON escapes."
+    try: return (json.dumps(row, ensure_ascii=False) + '\n').encode('utf-8')
+    except UnicodeEncodeError: return (json.dumps(row) + '\n').encode('ascii')
+
 
 # %% ../nbs/02_data.ipynb #02-data-035
 def normalize_text(text: str) -> str:
@@ -486,7 +762,9 @@ def find_leaks(splits: dict[str, list[dict]], # split name -> records
     leaks, first = [], {}
     for split, recs in splits.items():
         for r in recs:
-            for kind, key in (('image', r.get('image_sha256')), ('text', record_text(r))):
+            try: shas = [e.get('image_sha256') for e in record_images(r)]
+            except Reject: shas = []
+            for kind, key in [('image', s) for s in shas] + [('text', record_text(r))]:
                 if not key: continue
                 prev = first.setdefault((kind, key), (split, r.get('id')))
                 if prev[0] != split:
@@ -501,18 +779,21 @@ class ValidationReport:
     counts: dict[str, int]        # split -> records read
     errors: list[str]             # each names file:line and record id
     leaks: list[str]              # cross-split duplicates
+    manifest: list[str] = field(default_factory=list)  # splits whose files are not what their manifest vouches for
 
     @property
     def ok(self) -> bool:
-        "No errors and no leaks."
-        return not self.errors and not self.leaks
+        "No errors, no leaks, every split as committed."
+        return not self.errors and not self.leaks and not self.manifest
 
     def __str__(self):
         head = f"validate {self.out_dir}: " + ', '.join(f"{k} {v} records" for k, v in self.counts.items())
-        body = [f"  ERROR {e}" for e in self.errors[:50]] + [f"  LEAK  {l}" for l in self.leaks[:50]]
-        more = len(self.errors) + len(self.leaks) - len(body)
+        body = [f"  MANIFEST {m}" for m in self.manifest] + [f"  ERROR {e}" for e in self.errors[:50]] + \
+               [f"  LEAK  {l}" for l in self.leaks[:50]]
+        more = len(self.errors) + len(self.leaks) + len(self.manifest) - len(body)
         return '\n'.join([head] + body + ([f"  ... {more} more"] if more > 0 else []) +
-                         [f"  {'OK' if self.ok else 'FAILED'}: {len(self.errors)} errors, {len(self.leaks)} leaks"])
+                         [f"  {'OK' if self.ok else 'FAILED'}: {len(self.errors)} errors, {len(self.leaks)} leaks"
+                          + (f", {len(self.manifest)} splits not as committed" if self.manifest else '')])
 
 def resolve_inside(root: Path, rel: Any) -> Path:
     "The file `rel` names under `root`; raises `Reject` if it is absolute or escapes `root` (also through symlinks)."
@@ -524,20 +805,41 @@ def resolve_inside(root: Path, rel: Any) -> Path:
     if not full.is_relative_to(inside): raise Reject(f"image path {rel!r} resolves outside ds_output/ ({full})")
     return full
 
+def _check_image_entry(e: dict, root: Path, recorded: ResizeSpec, check_images: bool, what: str) -> None:
+    "One stored image of a record: keys, sizes against the spec, the file inside `root`, its hash and size."
+    for k, t in IMAGE_KEYS.items():
+        if k not in e: raise Reject(f"{what}: missing key {k!r}")
+        if not isinstance(e[k], t): raise Reject(f"{what}: key {k!r} has type {type(e[k]).__name__}")
+    for k in ('orig_size', 'size'):
+        if len(e[k]) != 2 or not all(type(v) is int and v > 0 for v in e[k]):
+            raise Reject(f"{what}: {k} must be [width, height] as two positive integers, got {e[k]!r}"[:300])
+    ow, oh = e['orig_size']; w, h = e['size']
+    if list(recorded.resize(oh, ow)) != [h, w]:
+        raise Reject(f"{what}: size {w}x{h} is not the spec's resize of {ow}x{oh} ({recorded.resize(oh, ow)[::-1]})")
+    path = resolve_inside(root, e['image'])
+    try:
+        if not path.is_file(): raise Reject(f"image {e['image']} is missing from ds_output/ (FileNotFoundError at training time)")
+        if check_images:
+            data = path.read_bytes()
+            if hashlib.sha256(data).hexdigest() != e['image_sha256']: raise Reject(f"image {e['image']} changed since conversion (sha256)")
+            with Image.open(io.BytesIO(data)) as im:
+                if list(im.size) != [w, h]: raise Reject(f"image {e['image']} is {im.size[0]}x{im.size[1]}, the record says {w}x{h}")
+    except (OSError, Image.DecompressionBombError) as e2: raise Reject(f"image {e['image']!r} cannot be read: {e2}") from None
+
 def check_record(rec: Any, # one parsed JSONL record
                  root: Path, # the ds_output folder
                  spec: ResizeSpec | None = None, # the model's spec: the record must carry its fingerprint
                  check_images: bool = True, # open each image to check size and hash
+                 extra_tokens: Iterable[str] = (), # a tokenizer's special tokens, refused in texts as well
                 ) -> None:
-    "Validate one record; raise `Reject` (or `FingerprintMismatch`) with the problem."
+    "Validate one record of any shape (one image, several, text-only); raise `Reject` (or `FingerprintMismatch`)."
     if not isinstance(rec, dict): raise Reject(f"a record must be a JSON object, got {type(rec).__name__}")
     for k, t in RECORD_KEYS.items():
         if k not in rec: raise Reject(f"missing key {k!r}")
         if not isinstance(rec[k], t): raise Reject(f"key {k!r} has type {type(rec[k]).__name__}")
     if rec['box_format'] != BOX_FORMAT: raise Reject(f"box_format {rec['box_format']!r} is not {BOX_FORMAT!r}")
-    for k in ('orig_size', 'size'):
-        if len(rec[k]) != 2 or not all(type(v) is int and v > 0 for v in rec[k]):
-            raise Reject(f"{k} must be [width, height] as two positive integers, got {rec[k]!r}"[:300])
+    if probs := text_problems(rec['id'], rec['source'], rec['objects'], rec['conversations'], extra_tokens):
+        raise Reject('; '.join(probs))
     fields = {k: v for k, v in rec['resize'].items() if k != 'fingerprint'}
     if not isinstance(fields.get('family'), str) or \
        not all(type(fields.get(k)) is int and fields[k] > 0 for k in ('patch_size', 'merge_size', 'min_pixels', 'max_pixels')):
@@ -547,30 +849,42 @@ def check_record(rec: Any, # one parsed JSONL record
     except (TypeError, ValueError) as e: raise Reject(f"resize entry is not a ResizeSpec: {e}") from None
     if recorded.fingerprint != rec['resize'].get('fingerprint'):
         raise Reject(f"resize fingerprint {rec['resize'].get('fingerprint')!r} does not match its own spec ({recorded.fingerprint})")
-    ow, oh = rec['orig_size']; w, h = rec['size']
-    if list(recorded.resize(oh, ow)) != [h, w]:
-        raise Reject(f"size {w}x{h} is not the spec's resize of {ow}x{oh} ({recorded.resize(oh, ow)[::-1]})")
     if spec is not None: spec.check(rec['resize'], rec['id'])
-    for k, o in enumerate(rec['objects']):
-        if not isinstance(o, dict) or not isinstance(o.get('label'), str): raise Reject(f"object {k}: needs 'bbox' and 'label'")
-        if check_box(o.get('bbox'), (w, h), f"object {k}") != [float(v) for v in o['bbox']]:
-            raise Reject(f"object {k}: bbox {o['bbox']} is outside the {w}x{h} stored image")
-    path = resolve_inside(root, rec['image'])
-    try:
-        if not path.is_file(): raise Reject(f"image {rec['image']} is missing from ds_output/ (FileNotFoundError at training time)")
-        if check_images:
-            data = path.read_bytes()
-            if hashlib.sha256(data).hexdigest() != rec['image_sha256']: raise Reject(f"image {rec['image']} changed since conversion (sha256)")
-            with Image.open(io.BytesIO(data)) as im:
-                if list(im.size) != [w, h]: raise Reject(f"image {rec['image']} is {im.size[0]}x{im.size[1]}, the record says {w}x{h}")
-    except (OSError, Image.DecompressionBombError) as e: raise Reject(f"image {rec['image']!r} cannot be read: {e}") from None
+    if 'images' in rec and any(k in rec for k in IMAGE_KEYS):
+        raise Reject(f"a several-image record carries top-level {[k for k in IMAGE_KEYS if k in rec]}: its images go in 'images' only")
+    if 'image' not in rec and any(k in rec for k in IMAGE_KEYS):
+        raise Reject(f"record without 'image' carries {[k for k in IMAGE_KEYS if k in rec]} (text-only records have no image fields)")
+    images = record_images(rec)
+    if 'images' in rec and len(images) < 2: raise Reject(f"'images' holds {len(images)} image(s): one image goes in the top-level 'image'")
+    if rec['conversations'] is not None and image_parts(rec['conversations']) != len(images):
+        raise Reject(f"{image_parts(rec['conversations'])} image parts in the conversation for {len(images)} stored image(s)")
+    if not images and not rec['conversations']: raise Reject("a text-only record (no 'image') needs a conversation")
+    if len(images) != 1 and rec['objects']:
+        raise Reject(f"{len(rec['objects'])} objects on a record with {len(images)} images: a box needs exactly one image")
+    seen = set()
+    for k, e in enumerate(images):
+        what = 'image' if len(images) == 1 else f"images[{k}]"
+        _check_image_entry(e, root, recorded, check_images, what)
+        if e['image'] in seen: raise Reject(f"{what}: {e['image']} is stored twice in one record")
+        seen.add(e['image'])
+    for k, role, content in _turns(rec['conversations']):   # every turn: a question's box is checked like an answer's
+        if len(images) != 1 and find_answer_boxes(content):
+            raise Reject(f"turn {k} ({role}): holds boxes but the record has {len(images)} images (which image is unknown)")
+        if len(images) == 1 and (probs := answer_box_problems(content, recorded.family, tuple(images[0]['size']))):
+            raise Reject(f"turn {k} ({role}): " + '; '.join(probs))
+    if images:
+        w, h = images[0]['size']
+        for k, o in enumerate(rec['objects']):
+            if not isinstance(o, dict) or not isinstance(o.get('label'), str): raise Reject(f"object {k}: needs 'bbox' and 'label'")
+            if check_box(o.get('bbox'), (w, h), f"object {k}") != [float(v) for v in o['bbox']]:
+                raise Reject(f"object {k}: bbox {o['bbox']} is outside the {w}x{h} stored image")
 
 def read_jsonl(path: str | Path, # a JSONL file
               ) -> Iterator[tuple[int, Any, str | None]]:
     "(line number, parsed value or None, error) for every non-empty line."
     with open(path, 'rb') as f:
         for n, raw in enumerate(f, 1):
-            try: line = raw.decode('utf-8')
+            try: line = raw.decode('utf-8-sig' if n == 1 else 'utf-8')
             except UnicodeDecodeError as e: yield n, None, f"not UTF-8 text (byte {e.start} of the line)"; continue
             if not line.strip(): continue
             try: value, err = json.loads(line), None
@@ -582,22 +896,35 @@ def validate(out_dir: str | Path = 'ds_output', # the ds_output folder
              spec: ResizeSpec | None = None, # the model's spec: every record must carry its fingerprint
              check_images: bool = True, # open every image (size and hash)
              progress: bool = True, # show a progress bar
+             tokenizer: Any = None, # the model's tokenizer: its special / added tokens are refused in texts as well
             ) -> ValidationReport:
-    "Check every record of every split in `out_dir` and look for leakage between splits."
+    "Check every split's manifest, every record of every split, and look for leakage between splits."
     root = Path(out_dir)
     files = sorted(p for p in root.glob('*.jsonl') if not p.name.endswith('.rejects.jsonl'))
     if not files: return ValidationReport(str(root), {}, [f"{root}: no {{split}}.jsonl files (run vlmlab convert first)"], [])
-    counts, errors, splits = {}, [], {}
+    counts, errors, splits, manifest, extra = {}, [], {}, [], tokenizer_specials(tokenizer)
     for f in files:
         split, ids, recs = f.stem, set(), []
+        try: check_manifest(root, split, check_images=False)   # the records vouch for their images' hashes below
+        except ManifestError as e: manifest.append(str(e))
+        n_lines = 0
         for n, rec, err in tqdm(list(read_jsonl(f)), desc=f'validate {split}', unit='rec', disable=not progress):
+            n_lines += 1
             rid = rec.get('id') if isinstance(rec, dict) else None
             where = f"{f.name}:{n} ({rid!r})"
             if err: errors.append(f"{where}: {err}"); continue
             try:
-                check_record(rec, root, spec, check_images)
+                check_record(rec, root, spec, check_images, extra)
                 if rid in ids: raise Reject(f"duplicate id {rid!r}")
             except ValueError as e: errors.append(f"{where}: {e}"); continue
             ids.add(rid); recs.append(rec)
+        if not n_lines:
+            errors.append(f"{f.name}: 0 records: nothing to train on (every input rejected? see {split}.rejects.jsonl and "
+                          f"{split}.summary.json; a wrong --image-root is the usual cause)")
         counts[split], splits[split] = len(recs), recs
-    return ValidationReport(str(root), counts, errors, find_leaks(splits))
+    for mf in sorted(root.glob('*.manifest.json')):   # a committed split whose records file is gone
+        if not (root / f"{mf.name[:-len('.manifest.json')]}.jsonl").exists():
+            try: check_manifest(root, mf.name[:-len('.manifest.json')], check_images=False)
+            except ManifestError as e: manifest.append(str(e))
+    return ValidationReport(str(root), counts, errors, find_leaks(splits), manifest)
+

@@ -14,13 +14,14 @@ import numpy as np
 from .data import convert, make_shapes, read_jsonl, validate, write_atomic
 from .detection import baseline_predictions, detector_predictions, evaluate_detections, ground_truth, text_predictions
 from .diagnostics import connector_ablation
-from .model import VLMLabConfig, resolve_model_path
+from .model import VLMLabConfig, resolve_model_path, stage_groups
 from .report import heldout_samples, load_eval_model, save_ablation, write_report
 from .trainer import load_detector, train_from_config
 from .vision import ResizeSpec
 
 # %% auto #0
-__all__ = ['DEMO_SHAPES', 'demo_data', 'demo_configs', 'evaluate_heldout', 'run_demo']
+__all__ = ['DEMO_SHAPES', 'MIN_PARSED', 'demo_data', 'demo_configs', 'evaluate_heldout', 'trained_groups', 'demo_verdicts',
+           'demo_results', 'run_demo']
 
 # %% ../nbs/10_demo.ipynb #10-demo-006
 DEMO_SHAPES = dict(max_objects=2, shape_divisors=(3, 2), size_range=(84, 126))
@@ -53,28 +54,31 @@ def demo_data(out: str | Path, # the demo folder: raw data and ds_output/ go ins
 # %% ../nbs/10_demo.ipynb #10-demo-008
 def demo_configs(out: str | Path, # the demo folder
                  model: str = 'tiny-kit/qwen2_5_vl', # the model to start from
-                 align_steps: int = 300, # optimizer steps of the caption (alignment) run
-                 grounding_steps: int = 300, # optimizer steps of the grounding + head run
-                ) -> tuple[VLMLabConfig, VLMLabConfig]:
-    "The alignment and grounding configs of the demo."
+                 align_steps: int = 300, # optimizer steps of the stage-1 caption (alignment) run
+                 grounding_steps: int = 2000, # optimizer steps of the grounding + head run
+                 language_steps: int = 300, # optimizer steps of the tiny kit's language run (LLM only)
+                 seed: int = 0, # training seed of every run
+                ) -> dict[str, VLMLabConfig]:
+    "The demo's runs in order: 'language' (tiny kit only: its LLM is random), 'align' (stage 1) and 'grounding'."
     out, tiny = Path(out), model.startswith('tiny-kit/')
     data = {'ds_output': str(out / 'ds_output'), 'packing': True, 'max_tokens': 384 if tiny else 8192,
             'teacher_ratio': 0.3, 'max_length': 512 if tiny else 4096}
-    all_lrs = {g: 3e-3 for g in ('vision', 'merger', 'llm', 'adapter', 'head')}
-    train = {'per_device_batch_size': 2, 'logging_steps': 10, 'warmup_ratio': 0.05}
+    train = {'per_device_batch_size': 2, 'logging_steps': 10, 'warmup_ratio': 0.05, 'seed': seed}
     head = {'detection_head': True, **({'head_d_model': 32, 'num_queries': 4} if tiny else {})}
-    align = VLMLabConfig.from_dict({
-        'model': {'name_or_path': model, **head},   # with the head, as in the run 08_diagnostics shows passing
-        'data': {**data, 'target': 'caption'},
-        'stage': {'name': 'full', 'lrs': all_lrs} if tiny else {'name': 'stage1', 'lrs': {'merger': 1e-3}},
-        'training': {**train, 'output_dir': str(out / 'align'), 'max_steps': align_steps, 'save_steps': max(1, align_steps // 2)}})
-    grounding = VLMLabConfig.from_dict({
-        'model': {'name_or_path': str(out / 'align' / 'final'), **head},
-        'data': {**data, 'target': 'grounding'},
-        'stage': {'name': 'full', 'lrs': all_lrs} if tiny else {'name': 'stage2'},
-        'training': {**train, 'output_dir': str(out / 'grounding'), 'max_steps': grounding_steps,
-                     'save_steps': max(1, grounding_steps // 2)}})
-    return align, grounding
+    def run(name, start, target, stage, steps, **model_kw):
+        return VLMLabConfig.from_dict({'model': {'name_or_path': start, **model_kw}, 'data': {**data, 'target': target}, 'stage': stage,
+                                       'training': {**train, 'output_dir': str(out / name), 'max_steps': steps,
+                                                    'save_steps': max(1, steps // 2)}})
+    runs = {}
+    if tiny:
+        runs['language'] = run('language', model, 'caption', {'name': 'language', 'trainable': ['llm'], 'lrs': {'llm': 3e-3}}, language_steps)
+    runs['align'] = run('align', str(out / 'language' / 'final') if tiny else model, 'caption',
+                        {'name': 'stage1', 'lrs': {'merger': 1e-2 if tiny else 1e-3}}, align_steps)
+    data['teacher_ratio'] = 0.0   # grounding without demonstrations: on the tiny kit its ablation passes by a wider margin
+    runs['grounding'] = run('grounding', str(out / 'align' / 'final'), 'grounding',
+                            {'name': 'full', 'lrs': {g: 3e-3 for g in ('vision', 'merger', 'llm', 'adapter', 'head')}} if tiny
+                            else {'name': 'stage2'}, grounding_steps, **head)
+    return runs
 
 # %% ../nbs/10_demo.ipynb #10-demo-010
 def evaluate_heldout(final: str | Path, # the grounding run's final/ export
@@ -93,6 +97,31 @@ def evaluate_heldout(final: str | Path, # the grounding run's final/ export
             'baseline_whole_image': evaluate_detections(gts, baseline_predictions(records, 'whole_image'))}
 
 # %% ../nbs/10_demo.ipynb #10-demo-012
+MIN_PARSED = 0.9   # share of held-out grounding answers the text path must parse
+
+def trained_groups(log_history: list[dict]) -> list[str]:
+    "The parameter groups a run trained: those with a logged gradient norm (the trainer logs only trainable groups)."
+    return sorted({k.split('/', 1)[1] for h in log_history for k in h if k.startswith('grad_norm/')})
+
+def demo_verdicts(runs: dict, # run name -> the run's results (run_demo: 'ablation', 'trained_groups')
+                  ev: dict, # evaluate_heldout of the grounding run
+                  min_parsed: float = MIN_PARSED, # least share of parsed text-path answers
+                 ) -> list[dict]:
+    "Every verdict of a demo: each run's connector ablation, stage 1 = merger only, parse rate, both paths' mAP vs the baseline."
+    mAP = lambda k: ev[k]['class_agnostic']['mAP']
+    v = [{'name': f'{name} connector ablation', 'passed': bool(r['ablation']['passed']),
+          'evidence': ', '.join(f"{k} {m:+.4f} [{lo:+.4f}, {hi:+.4f}]" for k, (m, lo, hi) in r['ablation']['deltas'].items())}
+         for name, r in runs.items() if name != 'language']
+    v.insert(1, {'name': 'align run is stage 1 (merger only)', 'passed': runs['align']['trained_groups'] == ['merger'],
+                 'evidence': f"groups with gradients: {', '.join(runs['align']['trained_groups']) or 'none'}"})
+    parsed = 1 - ev['text_path']['unparsed_answers'] / max(1, ev['images'])
+    v += [{'name': f'text path parses >= {min_parsed:.0%} of the answers', 'passed': parsed >= min_parsed,
+           'evidence': f"{ev['images'] - ev['text_path']['unparsed_answers']}/{ev['images']} parsed"},
+          *({'name': f'{k} mAP above the whole-image baseline', 'passed': mAP(k) > mAP('baseline_whole_image'),
+             'evidence': f"mAP {mAP(k):.4f} vs {mAP('baseline_whole_image'):.4f}"} for k in ('text_path', 'head'))]
+    return v
+
+# %% ../nbs/10_demo.ipynb #10-demo-012d
 def _ablate(final: str | Path, ds: Path, target: str, out: Path, n: int, progress: bool) -> dict:
     "Connector ablation of an export on the held-out split, saved as out (ablation.json)."
     held = heldout_samples(final, ds, split='heldout', n=n, target=target)
@@ -102,58 +131,89 @@ def _ablate(final: str | Path, ds: Path, target: str, out: Path, n: int, progres
     return {'passed': res.passed, 'mean_loss': {k: float(np.mean(v)) for k, v in res.losses.items()},
             'deltas': {k: list(v) for k, v in res.deltas.items()}, 'text': str(res)}
 
+def demo_results(summary: dict) -> dict:
+    "The compact record of a demo run that the README reads: times, CPU, losses, ablations, mAP, parse rate, verdicts."
+    import os, platform, torch
+    r4 = lambda x: round(float(x), 4)
+    return {'seed': summary['seed'], 'seconds_total': round(sum(summary['seconds'].values())), 'seconds': summary['seconds'],
+            'cpu_seconds': summary['cpu_seconds'],
+            'machine': f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} thread(s)",
+            'runs': {name: {'stage': r['stage'], 'trained_groups': r['trained_groups'], 'steps': r['steps'],
+                            'lm_loss_first': round(r['lm_loss_first'], 3), 'lm_loss_last': round(r['lm_loss_last'], 3),
+                            'heldout_loss': round(r['heldout_loss'], 3), 'ablation_passed': bool(r['ablation']['passed']),
+                            'ablation_deltas': {k: [r4(x) for x in v] for k, v in r['ablation']['deltas'].items()}}
+                     for name, r in summary['runs'].items()},
+            'mAP': {k: r4(v) for k, v in summary['mAP'].items()}, 'parsed': summary['parsed'],
+            'verdicts': summary['verdicts'], 'failed': summary['failed']}
+
 def run_demo(out_dir: str | Path = 'runs/demo', # where everything is written
              model: str = 'tiny-kit/qwen2_5_vl', # the model to start from (hub id, folder or tiny-kit/<family>)
              data: str | Path | None = None, # a raw annotation folder (default: synthetic shapes)
-             align_steps: int = 300, # caption (alignment) steps
-             grounding_steps: int = 300, # grounding + head steps
+             align_steps: int = 300, # stage-1 caption (alignment) steps
+             grounding_steps: int = 2000, # grounding + head steps
              n_train: int = 320, # synthetic training images
              n_heldout: int = 64, # held-out images
              progress: bool = True, # progress bars
+             seed: int = 0, # data and training seed
+             language_steps: int | None = None, # LLM-only caption steps (tiny kit only; default: align_steps)
+             results_file: str | Path | None = None, # also write demo_results.json here (the README reads nbs/demo_results.json)
             ) -> dict:
-    "Data, alignment, grounding with the head, evaluation, ablations and reports; return (and write) the summary."
+    "Data, language (tiny kit), stage-1 alignment, grounding with the head, evaluation, ablations, verdicts and reports."
     import yaml
-    out, t0, times = Path(out_dir), time.perf_counter(), {}
+    out, t0, times, cpu0 = Path(out_dir), time.perf_counter(), {}, time.process_time()
     def step(name):
         times[name] = round(time.perf_counter() - t0 - sum(times.values()), 1)
         print(f"[{sum(times.values()):6.1f}s] {name} done", flush=True)
     spec = ResizeSpec.from_pretrained(resolve_model_path(model))
-    print(f"== 1/5 data -> {out / 'ds_output'}", flush=True)
-    summaries = demo_data(out, spec, data, n_train, n_heldout, progress=progress)
+    cfgs = demo_configs(out, model, align_steps, grounding_steps, align_steps if language_steps is None else language_steps, seed)
+    n_steps = len(cfgs) + 3
+    print(f"== 1/{n_steps} data -> {out / 'ds_output'} (seed {seed})", flush=True)
+    summaries = demo_data(out, spec, data, n_train, n_heldout, seed=seed, progress=progress)
     for k in ('train', 'heldout'): print(f"{k}: {summaries[k]}")
     print(summaries['validation']); step('data')
-    align, grounding = demo_configs(out, model, align_steps, grounding_steps)
     results = {}
-    for i, (name, cfg) in enumerate((('align', align), ('grounding', grounding)), 2):
-        print(f"\n== {i}/5 {name} run ({cfg.data.target}, {cfg.training.max_steps} steps) -> {cfg.training.output_dir}", flush=True)
+    for i, (name, cfg) in enumerate(cfgs.items(), 2):
+        stage = cfg.stage.trainable or cfg.stage.name
+        print(f"\n== {i}/{n_steps} {name} run ({cfg.data.target}, stage {cfg.stage.name}: {', '.join(stage_groups(stage))}, "
+              f"{cfg.training.max_steps} steps) -> {cfg.training.output_dir}", flush=True)
         Path(cfg.training.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.training.output_dir) / 'config.yaml').write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         m = train_from_config(cfg, progress=progress)
-        lm = [h['lm_loss'] for h in m['log_history'] if 'lm_loss' in h]
+        lm, groups = [h['lm_loss'] for h in m['log_history'] if 'lm_loss' in h], trained_groups(m['log_history'])
         abl = _ablate(m['final_model'], out / 'ds_output', cfg.data.target, Path(cfg.training.output_dir) / 'ablation.json',
                       n_heldout, progress)
-        print(f"lm_loss {lm[0]:.3f} -> {lm[-1]:.3f}; held-out loss {abl['mean_loss']['correct']:.3f}\nconnector ablation ({cfg.data.target}):\n{abl['text']}")
-        results[name] = {'lm_loss_first': lm[0], 'lm_loss_last': lm[-1], 'heldout_loss': abl['mean_loss']['correct'], 'ablation': abl,
+        print(f"trainable-set guard passed; groups with gradients: {', '.join(groups)}\n"
+              f"lm_loss {lm[0]:.3f} -> {lm[-1]:.3f}; held-out loss {abl['mean_loss']['correct']:.3f}\n"
+              f"connector ablation ({cfg.data.target}):\n{abl['text']}")
+        results[name] = {'stage': cfg.stage.name, 'trained_groups': groups, 'steps': cfg.training.max_steps,
+                         'lm_loss_first': lm[0], 'lm_loss_last': lm[-1], 'heldout_loss': abl['mean_loss']['correct'], 'ablation': abl,
                          'final_model': m['final_model'], 'tensorboard': m['tensorboard'],
                          'metrics': str(Path(cfg.training.output_dir) / 'metrics.json')}
         step(f'{name} run')
-    print('\n== 4/5 evaluation on the held-out split', flush=True)
-    ev = evaluate_heldout(results['grounding']['final_model'], grounding)
+    print(f'\n== {n_steps - 1}/{n_steps} evaluation on the held-out split', flush=True)
+    ev = evaluate_heldout(results['grounding']['final_model'], cfgs['grounding'])
     write_atomic(out / 'eval.json', json.dumps(ev, indent=1).encode())
     for k in ('head', 'text_path', 'baseline_whole_image'):
-        print(f"{k:21} mAP {ev[k]['class_agnostic']['mAP']:.3f}  AP50 {ev[k]['class_agnostic']['AP50']:.3f}  "
-              f"by label mAP {ev[k]['by_label']['mAP']:.3f}")
+        print(f"{k:21} mAP {ev[k]['class_agnostic']['mAP']:.4f}  AP50 {ev[k]['class_agnostic']['AP50']:.4f}  "
+              f"by label mAP {ev[k]['by_label']['mAP']:.4f}")
     print(f"text path answers that did not parse: {ev['text_path']['unparsed_answers']}/{ev['images']}"); step('evaluation')
-    print('\n== 5/5 reports', flush=True)
+    print(f'\n== {n_steps}/{n_steps} verdicts and reports', flush=True)
+    verdicts = demo_verdicts(results, ev)
+    for v in verdicts: print(f"{'PASS' if v['passed'] else 'FAIL'}  {v['name']}: {v['evidence']}")
     reports = {name: str(write_report(Path(r['metrics']).parent)) for name, r in results.items()}
     step('reports')
-    summary = {'out_dir': str(out), 'model': model, 'seconds': times, 'data': {k: str(v) for k, v in summaries.items()},
-               'runs': results, 'eval': str(out / 'eval.json'), 'reports': reports,
-               'mAP': {k: ev[k]['class_agnostic']['mAP'] for k in ('head', 'text_path', 'baseline_whole_image')}}
+    summary = {'out_dir': str(out), 'model': model, 'seed': seed, 'seconds': times, 'cpu_seconds': round(time.process_time() - cpu0),
+               'data': {k: str(v) for k, v in summaries.items()}, 'runs': results, 'eval': str(out / 'eval.json'), 'reports': reports,
+               'mAP': {k: ev[k]['class_agnostic']['mAP'] for k in ('head', 'text_path', 'baseline_whole_image')},
+               'parsed': [ev['images'] - ev['text_path']['unparsed_answers'], ev['images']],
+               'verdicts': verdicts, 'failed': [v['name'] for v in verdicts if not v['passed']]}
     write_atomic(out / 'demo.json', json.dumps(summary, indent=1, default=str).encode())
+    compact = json.dumps(demo_results(summary), indent=1).encode()
+    for f in [out / 'demo_results.json'] + ([Path(results_file)] if results_file else []): write_atomic(f, compact)
     print('\n== artifacts')
     for name, r in results.items():
         print(f"{name:9} final model {r['final_model']}\n{'':9} TensorBoard {r['tensorboard']}\n{'':9} metrics     {r['metrics']}\n"
               f"{'':9} ablation    {Path(r['metrics']).parent / 'ablation.json'}\n{'':9} report      {reports[name]}")
-    print(f"evaluation {out / 'eval.json'}\nsummary    {out / 'demo.json'}\ntotal {sum(times.values()):.0f} s")
+    print(f"evaluation {out / 'eval.json'}\nsummary    {out / 'demo.json'}\nresults    {out / 'demo_results.json'}\n"
+          f"total {sum(times.values()):.0f} s, CPU {summary['cpu_seconds']} s")
     return summary

@@ -19,11 +19,12 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 from scipy.optimize import linear_sum_assignment
 
 from .collators import modality_runs
 from .tokens import BOX_END, BOX_START, IM_END, OBJECT_REF_END, OBJECT_REF_START, mm_token_type_ids
-from .vision import boxes_from_model, scale_boxes
+from .vision import as_image, boxes_from_model, scale_boxes
 
 # %% auto #0
 __all__ = ['EPS', 'box_cxcywh_to_xyxy', 'box_xyxy_to_cxcywh', 'box_area', 'box_iou', 'generalized_box_iou', 'sigmoid_focal_loss',
@@ -472,7 +473,7 @@ class VLMDetector(nn.Module):
                 num_boxes: float | None = None, # detection loss normalizer (see `DetectionLoss`)
                ) -> dict:
         "Head outputs; with labels and/or targets, every loss term (lm, teacher, student, detection) and `loss`."
-        from vlmlab.collators import model_inputs
+        from vlmlab.collators import model_inputs, vision_keepalive
         inputs = {k: v for k, v in model_inputs(batch).items() if k != 'labels'}   # the loss is computed here
         out = self.vlm(**inputs, output_hidden_states=self.head is not None)
         res = self.head(*self.head_inputs(out.hidden_states[-1], batch)) if self.head is not None else {}
@@ -486,17 +487,19 @@ class VLMDetector(nn.Module):
             terms = self.criterion(res, targets, num_boxes)
             res.update(terms, detection_loss=terms.pop('loss'))
             loss = loss + res['detection_loss']
+        if self.training and not torch.is_tensor(batch.get('pixel_values')) and any(p.requires_grad for p in self.vlm.model.visual.parameters()):
+            loss = loss + vision_keepalive(self.vlm)   # no image in this batch: the vision tower still joins the graph (zero gradients)
         res['loss'] = loss
         return res
 
 # %% ../nbs/05_detection.ipynb #05-detection-038
 def prompt_inputs(detector: VLMDetector, # supplies the tokenizer, image processor, family and device
-                  image, # PIL image (RGB)
+                  image: str | Path | Image.Image, # image file or PIL image (EXIF orientation applied by `as_image`)
                   prompt: str, # the user's question
                  ) -> dict:
     "Model inputs for one image and a question, rendered with the generation prompt exactly as in training."
     from vlmlab.tokens import render_chatml, expand_image_pads
-    px = detector.image_processor(images=[image], return_tensors='pt')
+    px = detector.image_processor(images=[as_image(image)], return_tensors='pt')
     msgs = [{'role': 'user', 'content': [{'type': 'image'}, {'type': 'text', 'text': prompt}]}]
     text = expand_image_pads(render_chatml(msgs, detector.family, add_generation_prompt=True), px['image_grid_thw'],
                              detector.image_processor.merge_size)
@@ -508,14 +511,13 @@ def prompt_inputs(detector: VLMDetector, # supplies the tokenizer, image process
 
 @torch.no_grad()
 def detect(detector: VLMDetector, # a trained detector
-           image, # PIL image (any size; the processor resizes it)
+           image: str | Path | Image.Image, # image file or PIL image, any size (EXIF orientation applied by `as_image`)
            prompt: str = 'Locate every object in the image and output its bounding box and label.', # the question
            threshold: float = 0.3, # minimum objectness score
            max_detections: int = 100, # keep at most this many
           ) -> list[dict]:
-    "Boxes (xyxy, original pixels), scores and captions for one image."
-    from vlmlab.vision import to_rgb
-    image = to_rgb(image)
+    "Boxes (xyxy, pixels of the image as displayed), scores and captions for one image."
+    image = as_image(image)
     detector.eval()
     batch = prompt_inputs(detector, image, prompt)
     pred = detector({**batch, 'label_kind': torch.zeros_like(batch['mm_token_type_ids'])})

@@ -30,7 +30,7 @@ __all__ = ['FROZEN_BELOW', 'GOLDILOCKS', 'UNSTABLE_ABOVE', 'UPDATE_RATIO_CAUSES'
            'token_span_to_chars', 'highlight_span', 'NFMarkerError', 'check_nf_marker', 'nf_marker_problems',
            'span_cross_entropy', 'paired_bootstrap_ci', 'PairedComparison', 'compare_paired', 'paired_power',
            'paired_sample_size', 'ImageFingerprint', 'image_fingerprint', 'find_near_duplicates', 'check_leakage',
-           'evaluate_checkpoints', 'AblationResult', 'item_losses', 'connector_ablation']
+           'evaluate_checkpoints', 'AblationResult', 'ablation_samples', 'item_losses', 'connector_ablation']
 
 # %% ../nbs/08_diagnostics.ipynb #08-diagnosti-008
 @dataclass
@@ -555,10 +555,12 @@ def evaluate_checkpoints(paths: Sequence[str | Path], # checkpoints, evaluated i
                          evaluate_fn: Callable[[Any], Any], # model -> result (plain numbers: no model, no graph tensors)
                          loader_fn: Callable[[str | Path], Any], # path -> model
                          check_freed: bool = True, # raise if a model is still alive after its evaluation
+                         progress: bool = False, # a progress bar over the checkpoints (tqdm, on stderr)
                         ) -> dict[str, Any]:
     "Evaluate checkpoints sequentially, freeing each model (gc + CUDA cache) before loading the next; `{path: result}`."
+    from tqdm.auto import tqdm
     results = {}
-    for path in paths:
+    for path in tqdm(paths, desc='checkpoints', unit='model', disable=not progress):
         model = loader_fn(path)
         try: ref = weakref.ref(model)
         except TypeError: ref = None                      # not weak-referenceable: cannot check
@@ -586,12 +588,34 @@ class AblationResult:
     deltas: dict[str, tuple[float, float, float]]   # ablation -> (mean of ablated - correct, CI low, CI high)
     passed: bool                                # correct below every ablation, every interval above 0
     note: str = ''                              # caveats (e.g. Qwen3-VL deepstack)
+    skipped: dict[str, int] = field(default_factory=dict)   # samples left out by kind ('text-only', 'several images') -> count
 
     def __str__(self):
         rows = [f"{'PASS' if self.passed else 'FAIL'}: correct image loss {np.mean(self.losses['correct']):.4f} on {len(self.losses['correct'])} items"]
         for k, (m, lo, hi) in self.deltas.items():
             rows.append(f"  {k:8} loss {np.mean(self.losses[k]):.4f}  delta {m:+.4f}  95% CI [{lo:+.4f}, {hi:+.4f}]{'' if lo > 0 else '  <- not above 0'}")
+        if self.skipped:
+            rows.append(f"  skipped: {', '.join(f'{n} {k}' for k, n in self.skipped.items())} (only one-image items are ablated)")
         return '\n'.join(rows + ([f"  note: {self.note}"] if self.note else []))
+
+def ablation_samples(samples: Sequence, # processed samples of any shape
+                    ) -> tuple[list, dict[str, int]]:
+    "The one-image samples (kept in order) and the count of each kind left out: 'text-only', 'several images'."
+    keep, skipped = [], {}
+    for s in samples:
+        grid = getattr(s, 'image_grid_thw', None)
+        n = 0 if grid is None else len(grid)
+        if n == 1: keep.append(s)
+        else:
+            kind = 'text-only' if n == 0 else 'several images'
+            skipped[kind] = skipped.get(kind, 0) + 1
+    return keep, skipped
+
+def _batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
+    "[start, end) of each batch; a last batch of one item joins the one before (the shuffle needs two images)."
+    starts = list(range(0, n, batch_size))
+    if len(starts) > 1 and n - starts[-1] == 1: starts.pop()
+    return list(zip(starts, starts[1:] + [n]))
 
 def _resize_tokens(x: torch.Tensor, src_grid, dst_grid, merge: int) -> torch.Tensor:
     "Merged visual tokens of one image, resized from its grid to another's (bilinear over the token grid)."
@@ -630,23 +654,29 @@ def item_losses(vlm, # a transformers Qwen-VL model
     return (ce.sum(1) / (lab != -100).sum(1).clamp(min=1)).tolist()
 
 def connector_ablation(vlm, # a transformers Qwen-VL model (or a VLMDetector: its .vlm is used)
-                       samples: Sequence, # held-out processed samples (one image each), 64-256 in the runbook
+                       samples: Sequence, # held-out processed samples, 64-256 in the runbook; only the one-image ones are used
                        pad_token_id: int, # the tokenizer's pad id
                        batch_size: int = 8, # items per forward pass (>= 2: the shuffle draws from the batch)
                        seed: int = 0, # noise and bootstrap seed
                        progress: bool = True, # progress bar
                       ) -> AblationResult:
-    "Loss with the correct image vs a shuffled image, zeroed visual tokens and matched noise, with paired intervals."
+    "Loss with the correct image vs a shuffled image, zeroed visual tokens and matched noise, with paired intervals (one-image samples)."
     from tqdm.auto import tqdm
     from vlmlab.collators import StandardDataCollator
+    if batch_size < 2: raise ValueError(f"batch_size {batch_size}: the shuffled image comes from another item of the batch, so at least 2")
+    samples, skipped = ablation_samples(samples)   # text-only items dilute the deltas; several-image items break the shuffle
+    if len(samples) < 2:
+        raise ValueError(f"connector ablation needs at least 2 one-image samples, got {len(samples)}"
+                         + (f" (left out: {', '.join(f'{n} {k}' for k, n in skipped.items())})" if skipped else '')
+                         + "; give it held-out records with exactly one image each")
     vlm = getattr(vlm, 'vlm', vlm)
     was_training = vlm.training; vlm.eval()
     visual, merge = vlm.model.visual, vlm.model.visual.spatial_merge_size
     col, gen = StandardDataCollator(pad_token_id), torch.Generator().manual_seed(seed)
     losses = {k: [] for k in ('correct',) + ABLATIONS}
     try:
-        for i in tqdm(range(0, len(samples), batch_size), desc='connector ablation', disable=not progress):
-            batch = col(list(samples[i:i + batch_size]))
+        for a, b in tqdm(_batch_bounds(len(samples), batch_size), desc='connector ablation', disable=not progress):
+            batch = col(list(samples[a:b]))
             batch = {k: v.to(vlm.device) if torch.is_tensor(v) else v for k, v in batch.items()}
             losses['correct'] += item_losses(vlm, batch)
             for mode in ABLATIONS:
@@ -657,4 +687,4 @@ def connector_ablation(vlm, # a transformers Qwen-VL model (or a VLMDetector: it
         vlm.train(was_training)
     deltas = {k: paired_bootstrap_ci(losses[k], losses['correct'], seed=seed) for k in ABLATIONS}
     note = 'Qwen3-VL deepstack features are not ablated (partial ablation)' if hasattr(visual, 'deepstack_merger_list') else ''
-    return AblationResult(losses, deltas, all(lo > 0 for _, lo, _ in deltas.values()), note)
+    return AblationResult(losses, deltas, all(lo > 0 for _, lo, _ in deltas.values()), note, skipped)

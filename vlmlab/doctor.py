@@ -133,20 +133,22 @@ def check_writable(path: str | Path, # directory that must take writes
                      f"free at least {min_free_gib} GiB or point {label} elsewhere", data=dict(path=str(p), free_gib=round(free, 2)))
     alt = writable_alternative(p, probe_bytes)
     return Check(f'{label} writable', False, f"{p}: {err}",
-                 (f"write to {alt} instead (e.g. --output-dir {alt})" if alt else "no writable directory found: check permissions and quotas"),
+                 (f"write to {alt} instead (e.g. --out {alt})" if alt else "no writable directory found: check permissions and quotas"),
                  data=dict(path=str(p), error=err, alternative=str(alt) if alt else None))
 
 # %% ../nbs/00b_doctor.ipynb #00b-doctor-020
-def check_model(name_or_path: str, # hub id or local folder of a Qwen-VL checkpoint
+def check_model(name_or_path: str, # local folder, tiny-kit/<family> or hub id of a Qwen-VL checkpoint
                ) -> Check:
     "Load a checkpoint's tokenizer and config and run the special-token and template guards."
     from transformers import AutoConfig, AutoTokenizer
     from vlmlab.tokens import assert_special_tokens, assert_template_matches, IMAGE_PAD
     try:
-        tok, cfg = AutoTokenizer.from_pretrained(name_or_path), AutoConfig.from_pretrained(name_or_path)
+        from vlmlab.model import resolve_model_path   # here: it imports torch, which this module never does at import time
+        path = resolve_model_path(name_or_path)
+        tok, cfg = AutoTokenizer.from_pretrained(path), AutoConfig.from_pretrained(path)
     except Exception as e:
         return Check('model tokens', False, f"cannot load {name_or_path}: {type(e).__name__}: {str(e).splitlines()[0]}",
-                     "pass a local checkpoint folder or a hub id that is in the local cache")
+                     "pass a local checkpoint folder, tiny-kit/<family>, or a hub id that is in the local cache")
     try:
         ids = assert_special_tokens(tok, cfg)
         fam = cfg.model_type if cfg.model_type in ('qwen2_vl', 'qwen2_5_vl', 'qwen3_vl') else None
@@ -163,12 +165,16 @@ def run_doctor(output_dir: str | Path = 'runs', # where training runs will write
                timeout: float = 60, # seconds allowed for `import torch`
               ) -> list[Check]:
     "Run every environment check and return the results."
-    from vlmlab.tiny import cache_dir as default_cache
     hf_home = Path(os.environ.get('HF_HOME') or Path.home() / '.cache' / 'huggingface')
-    checks = [check_versions(), check_torch(timeout), check_writable(output_dir, 'output directory'),
-              check_writable(cache_dir or default_cache(), 'vlmlab cache', min_free_gib=0.1),
+    cache = cache_dir or os.environ.get('VLMLAB_CACHE') or Path.home() / '.cache' / 'vlmlab'
+    torch_ok = check_torch(timeout)
+    checks = [check_versions(), torch_ok, check_writable(output_dir, 'output directory'),
+              check_writable(cache, 'vlmlab cache', min_free_gib=0.1),
               check_writable(hf_home, 'HF cache (HF_HOME)', min_free_gib=0.1)]
-    if model: checks.append(check_model(model))
+    if model and not torch_ok.ok:
+        checks.append(Check('model tokens', False, f"{model}: not checked, because torch does not import (see above)",
+                            'fix the torch installation first'))
+    elif model: checks.append(check_model(model))
     return checks
 
 def doctor_report(checks: list[Check]) -> str:

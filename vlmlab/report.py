@@ -25,14 +25,15 @@ from .data import read_jsonl, write_atomic
 from .diagnostics import (ABLATIONS, EXPLODING_ABOVE, FROZEN_BELOW, GOLDILOCKS, UNSTABLE_ABOVE, AblationResult,
                                 CurveThresholds, Verdict, diagnose_loss_curve, grad_norm_verdicts, item_losses, loss_series,
                                 metric_series, update_ratio_verdicts)
-from .model import FAMILY_OF_MODEL_TYPE, VLMLabConfig, resolve_model_path
+from .model import FAMILY_OF_MODEL_TYPE, VLMLabConfig, resolve_model_path, verify_checkpoint
 
 # %% auto #0
 __all__ = ['HELDOUT_SPLITS', 'TRUNCATION_LIMIT', 'RUNBOOK_TRUNCATION_ADVICE', 'ABLATION_FORMAT', 'ABLATION_CONFIDENCE',
-           'ABLATION_CONDITIONS', 'REPORT_PANELS', 'model_folder', 'processing_kit', 'SplitCoverage', 'coverage_advice',
-           'DataReport', 'data_report', 'run_config', 'HeldOut', 'heldout_samples', 'load_eval_model', 'heldout_losses',
-           'ablation_record', 'save_ablation', 'load_ablation', 'ablation_result', 'read_run', 'png_bytes',
-           'loss_terms_figure', 'grad_norm_figure', 'update_ratio_figure', 'ablation_figure', 'write_report']
+           'ABLATION_CONDITIONS', 'ABLATION_KEYS', 'REPORT_PANELS', 'model_folder', 'processing_kit', 'SplitCoverage',
+           'coverage_advice', 'DataReport', 'data_report', 'run_config', 'HeldOut', 'heldout_samples',
+           'load_eval_model', 'heldout_losses', 'ablation_record', 'save_ablation', 'load_ablation', 'ablation_result',
+           'read_run', 'png_bytes', 'loss_terms_figure', 'grad_norm_figure', 'update_ratio_figure', 'ablation_figure',
+           'consistent_loss_verdict', 'write_report']
 
 # %% ../nbs/09_report.ipynb #09-report-006
 HELDOUT_SPLITS = ('heldout', 'eval', 'val', 'validation', 'test')   # held-out split names looked for, in this order
@@ -259,7 +260,8 @@ def load_eval_model(path: str | Path, # checkpoint-N/, a run's final/, a run fol
     from transformers import AutoConfig, AutoModelForImageTextToText
     from vlmlab.detection import VLMDetector
     from vlmlab.trainer import WEIGHTS_NAME   # here, not at the top: the trainer module imports transformers' Trainer
-    folder = model_folder(path)
+    folder = model_folder(path)   # a missing local folder raises ModelNotFoundError here: never sent to the Hub
+    if Path(folder).is_dir(): verify_checkpoint(folder)   # CheckpointError naming the file whose bytes its marker does not vouch for
     tok, ip, family = processing_kit(folder)
     if (Path(folder) / WEIGHTS_NAME).is_file():
         vlm = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(folder))
@@ -292,6 +294,7 @@ def heldout_losses(model, # a VLMDetector (from load_eval_model) or a transforme
 ABLATION_FORMAT = 'vlmlab.ablation/1'
 ABLATION_CONFIDENCE = 0.95   # the level of connector_ablation's paired bootstrap intervals
 ABLATION_CONDITIONS = ('correct',) + ABLATIONS
+ABLATION_KEYS = ('format', 'passed', 'n', 'confidence', 'mean_loss', 'deltas', 'losses')   # what the report reads
 
 def ablation_record(result: AblationResult, # from diagnostics.connector_ablation
                     items: Sequence[str] = (), # the held-out item ids, in order
@@ -316,26 +319,40 @@ def save_ablation(result: AblationResult, # from diagnostics.connector_ablation
     write_atomic(path, json.dumps(rec, indent=1).encode())
     return path
 
+def _missing_keys(rec: Mapping) -> list[str]:
+    "Dotted names of the keys an ablation record lacks (top level, per condition, per interval bound)."
+    miss = [k for k in ABLATION_KEYS if k not in rec]
+    for k, want in (('mean_loss', ABLATION_CONDITIONS), ('losses', ABLATION_CONDITIONS), ('deltas', ABLATIONS)):
+        if isinstance(rec.get(k), dict): miss += [f"{k}.{c}" for c in want if c not in rec[k]]
+    for k in ABLATIONS:
+        d = rec.get('deltas', {}).get(k) if isinstance(rec.get('deltas'), dict) else None
+        if isinstance(d, dict): miss += [f"deltas.{k}.{q}" for q in ('mean', 'low', 'high') if q not in d]
+    return miss
+
 def load_ablation(path: str | Path, # an ablation record
                  ) -> dict:
-    "Read and check an ablation record; a problem raises an error naming the file."
+    "Read and check an ablation record; a problem (missing keys named) raises a one-line error naming the file."
     f = Path(path)
     try: rec = json.loads(f.read_text(encoding='utf-8'))
     except OSError as e: raise FileNotFoundError(f"{f}: cannot read it ({e.strerror or e})") from None
     except ValueError as e: raise ValueError(f"{f}: not valid JSON ({e})") from None
     def bad(msg): return ValueError(f"{f}: {msg}; expected an ablation record (format {ABLATION_FORMAT!r}, as `vlmlab ablate --out` writes)")
-    if not isinstance(rec, dict) or rec.get('format') != ABLATION_FORMAT:
-        raise bad(f"format is {rec.get('format') if isinstance(rec, dict) else type(rec).__name__!r}")
-    losses, deltas = rec.get('losses'), rec.get('deltas')
+    if not isinstance(rec, dict): raise bad(f"it holds a JSON {type(rec).__name__}, not an object")
+    if (miss := _missing_keys(rec)): raise bad(f"missing key(s) {', '.join(miss)}")
+    if rec['format'] != ABLATION_FORMAT: raise bad(f"format is {rec['format']!r}")
+    losses, deltas, means = rec['losses'], rec['deltas'], rec['mean_loss']
     num = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)
-    if not isinstance(losses, dict) or any(not isinstance(losses.get(c), list) or not all(map(num, losses[c])) for c in ABLATION_CONDITIONS):
+    if any(not isinstance(losses[c], list) or not all(map(num, losses[c])) for c in ABLATION_CONDITIONS):
         raise bad(f"'losses' must map each of {', '.join(ABLATION_CONDITIONS)} to a list of per-item losses")
     if len({len(losses[c]) for c in ABLATION_CONDITIONS}) != 1 or len(losses['correct']) < 2:
         raise bad("the per-item loss lists must all have the same length, at least 2")
-    if not isinstance(deltas, dict) or any(not isinstance(deltas.get(k), dict) or not all(num(deltas[k].get(q)) for q in ('mean', 'low', 'high'))
+    if not isinstance(deltas, dict) or any(not isinstance(deltas[k], dict) or not all(num(deltas[k][q]) for q in ('mean', 'low', 'high'))
                                            for k in ABLATIONS):
-        raise bad(f"'deltas' must map each of {', '.join(ABLATIONS)} to {{'mean', 'low', 'high'}}")
-    if not isinstance(rec.get('passed'), bool): raise bad("'passed' must be true or false")
+        raise bad(f"'deltas' must map each of {', '.join(ABLATIONS)} to numbers {{'mean', 'low', 'high'}}")
+    if not isinstance(means, dict) or not all(num(means[c]) for c in ABLATION_CONDITIONS):
+        raise bad(f"'mean_loss' must map each of {', '.join(ABLATION_CONDITIONS)} to a number")
+    if not isinstance(rec['passed'], bool): raise bad("'passed' must be true or false")
+    if not num(rec['n']) or not num(rec['confidence']): raise bad("'n' and 'confidence' must be numbers")
     return rec
 
 def ablation_result(record: Mapping, # an ablation record (load_ablation)
@@ -559,6 +576,23 @@ def _facts(run: Mapping, run_dir: Path) -> str:
             ('runtime', f"{run.get('train', {}).get('train_runtime', '?')} s"), ('written', time.strftime('%Y-%m-%d %H:%M:%S'))]
     return _table(None, rows)
 
+# %% ../nbs/09_report.ipynb #09-report-044b
+def consistent_loss_verdict(v: Verdict, # a loss-curve verdict (diagnostics.diagnose_loss_curve)
+                            steps: Sequence[Verdict], # applied-step verdicts (update_ratio_verdicts(logs, key='step_ratio'))
+                           ) -> Verdict:
+    "The loss verdict with a cause that the run's own applied-step evidence does not contradict."
+    if v.verdict != 'plateau' or 'fell_10' in v.evidence or not steps: return v   # only the no-fall rule blames frozen parameters
+    moving = {s.subject: s.evidence.get('median') for s in steps if s.verdict not in ('frozen', 'non_finite')}
+    if not moving:
+        return Verdict(v.subject, v.verdict, v.ok, f"{v.cause}; the applied step confirms it: every group's median |ΔW|/|W| "
+                       f"is below {FROZEN_BELOW:g} (frozen)", {**v.evidence, 'moving_groups': {}})
+    moved = ', '.join(f"{g} {m:.2g}" for g, m in moving.items())
+    return Verdict(v.subject, v.verdict, v.ok,
+                   f"the loss never fell significantly although parameters moved (applied step |ΔW|/|W|, median: {moved}): "
+                   "they train but do not lower the loss. Likely: the trainable groups cannot fit this target (stage 1 trains "
+                   "the merger alone: behind an untrained LLM the logits stay near uniform), the learning rate is too low, or "
+                   "the run is too short; see the update-ratio panel", {**v.evidence, 'moving_groups': moving})
+
 # %% ../nbs/09_report.ipynb #09-report-045
 def _seed_ratio_line(v: Verdict, judged: set) -> tuple[bool, str]:
     "The summary line of an lr·|grad|/|W| verdict: informational for a group whose applied step is logged (Adam: 08_diagnostics)."
@@ -591,6 +625,7 @@ def write_report(run_dir: str | Path, # a `vlmlab train` output folder
     loss_v = [diagnose_loss_curve(logs, floor, key=k) for k in ('loss', 'eval_loss') if _logged(logs, k)]
     for v, k in zip(loss_v, ('loss', 'eval_loss')): v.subject = k
     grad_v, ur_v, sr_v = grad_norm_verdicts(logs), update_ratio_verdicts(logs), update_ratio_verdicts(logs, key='step_ratio')
+    loss_v = [consistent_loss_verdict(v, sr_v) for v in loss_v]
     counters = _data_counters(logs)
     data_v = [v for v in [_data_verdict(counters, TRUNCATION_LIMIT)] if v is not None]
     summary = ([(v.ok, str(v)) for v in loss_v] + [(v.ok, f"{'OK  ' if v.ok else 'FLAG'} {v.subject} gradient norm: {v.verdict} - {v.cause}") for v in grad_v]

@@ -6,9 +6,15 @@
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import math
 import os
+import pickle
+import re
+import signal
+import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -29,15 +35,17 @@ from .chat import ChatError, ChatProcessor, ChatStats
 from .collators import PackedDataCollator, StandardDataCollator, packing_stats, plan_packs
 from .data import read_jsonl, validate, write_atomic
 from .detection import VLMDetector, detection_targets
-from .model import (ConfigError, ModelConfig, VLMLabConfig, add_lora, apply_stage, assert_trainable_set, group_parameters, load_model,
-                          stage_groups)
+from .model import (COMPLETE_MARKER, TRAINER_WEIGHTS, CheckpointError, ConfigError, ModelConfig, VLMLabConfig, _write_marker, add_lora,
+                          apply_stage, assert_trainable_set, checkpoint_complete, checkpoint_problem, group_parameters, load_model,
+                          resolve_model_path, stage_groups, verify_checkpoint)
 from .vision import ResizeSpec
 
 # %% auto #0
-__all__ = ['LOSS_TERMS', 'COMPLETE_MARKER', 'WEIGHTS_NAME', 'DataError', 'SampleDataset', 'PackDataset', 'TrainingCollator',
-           'prepare_data', 'NonFiniteError', 'checkpoint_complete', 'last_good_checkpoint', 'load_checkpoint_weights',
-           'merge_lora', 'export_model', 'load_detector', 'ConsoleProgressCallback', 'BBUTrainer', 'training_arguments',
-           'build_trainer', 'train_from_config']
+__all__ = ['LOSS_TERMS', 'WEIGHTS_NAME', 'TRAINABLE_NAME', 'RUN_FILES', 'DataError', 'SampleDataset', 'PackDataset',
+           'TrainingCollator', 'prepare_data', 'NonFiniteError', 'PickleRefusedError', 'CheckpointFileMissingError',
+           'RunExistsError', 'TrainingInterrupted', 'last_good_checkpoint', 'load_checkpoint_weights', 'merge_lora',
+           'export_model', 'load_detector', 'ConsoleProgressCallback', 'BBUTrainer', 'training_arguments',
+           'build_trainer', 'run_files', 'remove_run', 'train_from_config']
 
 # %% ../nbs/07_trainer.ipynb #07-trainer-005
 LOSS_TERMS = ('loss', 'lm_loss', 'teacher_lm_loss', 'student_lm_loss', 'detection_loss', 'bbox_l1', 'bbox_giou', 'objectness', 'caption')
@@ -57,6 +65,13 @@ class SampleDataset(Dataset):
     def __len__(self) -> int: return len(self.records)
     def __getitem__(self, i: int): return self.processor(self.records[i], epoch=self.epoch)
 
+def _too_long_message(too_long: list[tuple[str, int]], max_tokens: int) -> str:
+    "The one-line error for samples longer than the packing budget."
+    (sid, n), more = max(too_long, key=lambda t: t[1]), len(too_long) - 1
+    return (f"sample {sid!r} has {n} tokens, over the packing budget data.max_tokens = {max_tokens}"
+            + (f" (and {more} more sample(s) over it: {', '.join(repr(s) for s, _ in too_long[1:6] if s != sid)}{' ...' if more > 5 else ''})" if more else '')
+            + f": raise data.max_tokens to at least {max(t[1] for t in too_long)}, or lower max_pixels at convert time / data.max_length")
+
 class PackDataset(Dataset):
     "Packs of converted records (best-fit decreasing under `max_tokens`), processed on access."
     def __init__(self, records: Sequence[dict], # records of ds_output/{split}.jsonl
@@ -65,6 +80,8 @@ class PackDataset(Dataset):
                  max_tokens: int, # capacity of a pack
                 ):
         self.records, self.processor = list(records), processor
+        too_long = [(r['id'], n) for r, n in zip(self.records, lengths) if n > max_tokens]
+        if too_long: raise DataError(_too_long_message(too_long, max_tokens))
         self.packs = plan_packs(lengths, max_tokens, [r['id'] for r in self.records])
         self.stats = packing_stats(lengths, self.packs, max_tokens)
     def __len__(self) -> int: return len(self.packs)
@@ -90,6 +107,16 @@ class TrainingCollator:
         return batch
 
 # %% ../nbs/07_trainer.ipynb #07-trainer-007
+def _check_manifests(root: Path, splits: list[str]) -> None:
+    "Every split to be read is the one `vlmlab convert` committed (`vlmlab.data.check_manifest`: counts and hashes), or a DataError."
+    import vlmlab.data as data
+    check = getattr(data, 'check_manifest', None)
+    if check is None: return
+    for split in splits:
+        if not (root / f'{split}.jsonl').is_file(): continue   # a missing split is validate's / records' error, with the splits it has
+        try: check(root, split)
+        except (getattr(data, 'ManifestError', ValueError), OSError) as e: raise DataError(f"{root}: {e}") from None
+
 def prepare_data(cfg: VLMLabConfig, # the run's config
                  model: VLMDetector, # the loaded model (tokenizer, image processor, family)
                  progress: bool = True, # show progress bars
@@ -98,6 +125,7 @@ def prepare_data(cfg: VLMLabConfig, # the run's config
     d, root = cfg.data, Path(cfg.data.ds_output)
     try: spec = ResizeSpec.from_image_processor(model.image_processor, model.family)
     except ValueError as e: raise DataError(f"{cfg.model.name_or_path}: its image processor: {e}") from None
+    _check_manifests(root, [d.train_split] + ([d.eval_split] if d.eval_split else []))
     report = validate(root, spec, check_images=True, progress=progress)
     if not report.ok: raise DataError(f"{root} does not pass validation for this model:\n{report}")
     def records(split):
@@ -118,6 +146,8 @@ def prepare_data(cfg: VLMLabConfig, # the run's config
     advice = proc.stats.advice()
     for a in advice: warnings.warn(f"pre-flight: {a}")
     proc.stats = ChatStats()   # the pre-flight pass is not an epoch
+    if d.packing and (too_long := [(r['id'], n) for r, n in zip(train, lengths) if n > d.max_tokens]):
+        raise DataError(_too_long_message(too_long, d.max_tokens))
     ds = PackDataset(train, proc, lengths, d.max_tokens) if d.packing else SampleDataset(train, proc)
     ev = None
     if d.eval_split:
@@ -129,41 +159,53 @@ def prepare_data(cfg: VLMLabConfig, # the run's config
 class NonFiniteError(FloatingPointError):
     "A NaN or inf in a loss term or a gradient; the message holds the diagnosis."
 
-COMPLETE_MARKER = 'vlmlab_complete.json'
+WEIGHTS_NAME = TRAINER_WEIGHTS   # vlmlab_model.safetensors: the module's own state dict in checkpoint-N/
+TRAINABLE_NAME = 'vlmlab_trainable.json'   # what trained in the run that wrote a checkpoint (checked on resume)
 
-def _write_marker(folder: Path, step: int) -> None:
-    "Write the completion marker of a checkpoint folder: its files and sizes, atomically, last."
-    files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob('*')) if p.is_file() and p.name != COMPLETE_MARKER}
-    write_atomic(folder / COMPLETE_MARKER, json.dumps({'step': step, 'files': files}, indent=1).encode())
+class PickleRefusedError(CheckpointError, pickle.UnpicklingError):
+    "A checkpoint file that torch.load(weights_only=True) refuses: a pickle that would run code, not tensors."
 
-def checkpoint_complete(folder: str | Path) -> bool:
-    "True when a checkpoint folder has its marker and every file it lists, with the listed size."
-    folder = Path(folder)
-    try: m = json.loads((folder / COMPLETE_MARKER).read_text())
-    except (OSError, ValueError): return False
-    return all((folder / f).is_file() and (folder / f).stat().st_size == n for f, n in m['files'].items())
+class CheckpointFileMissingError(CheckpointError, FileNotFoundError):
+    "A checkpoint folder without the file a loader needs."
 
-def last_good_checkpoint(output_dir: str | Path) -> str | None:
-    "The highest-step complete checkpoint in `output_dir` (a folder being written when a run was killed is never it)."
-    cands = sorted((int(p.name.split('-')[-1]), p) for p in Path(output_dir).glob('checkpoint-*') if p.name.split('-')[-1].isdigit())
-    for _, p in reversed(cands):
-        if checkpoint_complete(p): return str(p)
+class RunExistsError(ValueError):
+    "The output folder already holds a run, and neither resume nor overwrite was asked for."
+
+class TrainingInterrupted(RuntimeError):
+    "Training stopped on SIGINT / SIGTERM at a clean point; `checkpoint` is complete and `--resume` continues from it."
+    def __init__(self, message: str, checkpoint: str | None = None, step: int = 0, signal_name: str = 'SIGINT'):
+        super().__init__(message); self.checkpoint, self.step, self.signal_name = checkpoint, step, signal_name
+
+def _checkpoints(output_dir: str | Path) -> list[Path]:
+    "The checkpoint-N folders of a run, highest step first."
+    cands = [(int(p.name.split('-')[-1]), p) for p in Path(output_dir).glob('checkpoint-*') if p.name.split('-')[-1].isdigit() and p.is_dir()]
+    return [p for _, p in sorted(cands, reverse=True)]
+
+def last_good_checkpoint(output_dir: str | Path, # a run's output folder
+                         skipped: list | None = None, # if given, gets (folder, reason) of every newer checkpoint passed over
+                        ) -> str | None:
+    "The highest-step intact checkpoint in `output_dir`: its marker lists every file with its size and sha256, and they match."
+    for p in _checkpoints(output_dir):
+        bad = checkpoint_problem(p)
+        if bad is None: return str(p)
+        if skipped is not None: skipped.append((str(p), bad))
     return None
-
-WEIGHTS_NAME = 'vlmlab_model.safetensors'
 
 def load_checkpoint_weights(model: VLMDetector, # the model to load into (same structure as when saved: head, LoRA)
                             folder: str | Path, # a checkpoint folder written by BBUTrainer
                            ) -> None:
-    "Load a BBUTrainer checkpoint (the module's own state dict, safetensors) into `model`, strictly."
+    "Verify a BBUTrainer checkpoint (marker, sha256) and load its module state dict (safetensors) into `model`, strictly."
     from safetensors.torch import load_model as load_safetensors_model
     f = Path(folder) / WEIGHTS_NAME
-    if not f.exists(): raise FileNotFoundError(f"{folder}: no {WEIGHTS_NAME} (not a vlmlab checkpoint)")
-    missing, unexpected = load_safetensors_model(model, str(f), strict=False)
+    if not f.exists(): raise CheckpointFileMissingError(f"{folder}: no {WEIGHTS_NAME} (not a vlmlab checkpoint-N/ folder)")
+    verify_checkpoint(folder, require_marker=True)
+    try: missing, unexpected = load_safetensors_model(model, str(f), strict=False)
+    except Exception as e:   # safetensors raises its own error type, without the file name
+        raise CheckpointError(f"{f}: cannot be read as safetensors ({str(e).splitlines()[0][:200]})") from None
     missing = [k for k in missing if not k.startswith('criterion.')]   # the criterion shares the head's tensors
     if missing or unexpected:
-        raise RuntimeError(f"{folder}: checkpoint does not fit the model (head / LoRA / family differ?): missing {missing[:5]}, "
-                           f"unexpected {unexpected[:5]}")
+        raise CheckpointError(f"{folder}: checkpoint does not fit the model (head / LoRA / family differ?): missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
 
 def merge_lora(vlm: nn.Module, # a model with peft LoRA adapters injected (vlmlab.model.add_lora)
               ) -> nn.Module:
@@ -178,25 +220,43 @@ def merge_lora(vlm: nn.Module, # a model with peft LoRA adapters injected (vlmla
     return merged
 
 def export_model(model: VLMDetector, # a trained model
-                 folder: str | Path, # where to write it
+                 folder: str | Path, # where to write it (replaced as a whole: never a mix of two exports)
                 ) -> Path:
-    "Save the VLM with save_pretrained (LoRA merged: loadable with from_pretrained), the head beside it, tokenizer and image processor."
-    folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
+    "Save the VLM with save_pretrained (LoRA merged), the head, tokenizer and image processor, with a hashed completion marker."
+    import shutil
+    folder = Path(folder); folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f'.{folder.name}.tmp-{os.getpid()}')
+    if tmp.exists(): shutil.rmtree(tmp)
     vlm = model.vlm
     if any('lora_' in n for n, _ in vlm.named_parameters()): vlm = merge_lora(vlm)
-    vlm.save_pretrained(folder, safe_serialization=True)
-    if model.head is not None:
-        save_file({k: v.detach().contiguous().cpu() for k, v in model.head.state_dict().items()}, str(folder / 'detection_head.safetensors'))
-    model.tokenizer.save_pretrained(folder); model.image_processor.save_pretrained(folder)
+    try:
+        vlm.save_pretrained(tmp, safe_serialization=True)
+        if model.head is not None:
+            save_file({k: v.detach().contiguous().cpu() for k, v in model.head.state_dict().items()}, str(tmp / 'detection_head.safetensors'))
+        model.tokenizer.save_pretrained(tmp); model.image_processor.save_pretrained(tmp)
+        _write_marker(tmp, 0)
+    except Exception as e:   # disk full and the like: nothing half-written stays, the previous export (if any) is untouched
+        raise _save_error(tmp, e, None, f'the export {folder}') from e
+    old = folder.with_name(f'.{folder.name}.old-{os.getpid()}')
+    if folder.exists(): os.replace(folder, old)
+    os.replace(tmp, folder)
+    if old.exists(): shutil.rmtree(old)
     return folder
 
 def load_detector(folder: str | Path, # an export_model folder with detection_head.safetensors beside the model
                   model: ModelConfig, # the run's model config (head sizes)
                  ) -> VLMDetector:
-    "The exported VLM with its detection head (the inverse of `export_model`), in eval mode."
-    folder = Path(folder)
-    det = load_model(ModelConfig(**{**model.__dict__, 'name_or_path': str(folder), 'detection_head': True}))
-    det.head.load_state_dict(load_file(str(folder / 'detection_head.safetensors')))
+    "The exported VLM with its detection head (the inverse of `export_model`), verified against its marker, in eval mode."
+    folder = Path(resolve_model_path(folder))
+    det = load_model(ModelConfig(**{**model.__dict__, 'name_or_path': str(folder), 'detection_head': True}))   # verifies the folder
+    f = folder / 'detection_head.safetensors'
+    if not f.is_file(): raise CheckpointFileMissingError(f"{f}: missing: {folder} is not an export with a detection head (export_model writes one)")
+    try: state = load_file(str(f))
+    except Exception as e: raise CheckpointError(f"{f}: cannot be read as safetensors ({str(e).splitlines()[0][:200]})") from None
+    try: det.head.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"{f}: does not fit a head of model.head_d_model {model.head_d_model}, num_queries {model.num_queries} "
+                              f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e})") from None
     return det.eval()
 
 def _total_norm(tensors: list) -> torch.Tensor | None:
@@ -241,6 +301,18 @@ class _StepRatioCallback(TrainerCallback):
             t._norm_logs[f'step_ratio/{g}'] = float(delta) / max(float(torch.nn.utils.get_total_norm(t._snapshot[g])), 1e-12)
         t._snapshot = None
 
+class _StopCallback(TrainerCallback):
+    "After an optimizer step, stop with a checkpoint when SIGINT / SIGTERM arrived (on any process: the flag is all-reduced)."
+    def __init__(self, trainer): self.trainer = trainer
+    def on_step_end(self, args, state, control, **kwargs):
+        t = self.trainer
+        stop = t._stop_signal is not None
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:   # every process stops at the same step
+            flag = torch.tensor([float(stop)], device=args.device); dist.all_reduce(flag, op=dist.ReduceOp.MAX); stop = bool(flag.item())
+            if stop and t._stop_signal is None: t._stop_signal = 'SIGINT'
+        if stop and state.global_step < state.max_steps:
+            control.should_save, control.should_training_stop, t._stopped_at = True, True, state.global_step
+
 class BBUTrainer(Trainer):
     "A transformers Trainer for Qwen-VL models: split LM loss, detection terms, exact accumulation, diagnostics, fail-fast."
     def __init__(self, model: VLMDetector, # the model (with or without a detection head) with its stage applied
@@ -261,8 +333,8 @@ class BBUTrainer(Trainer):
         self._acc, self._acc_keys, self._tokens, self._tokens_total = None, [], 0.0, 0.0
         self._steps_in_window, self._window_start, self._norm_logs = 0, None, {}
         self._window_boxes, self._trainable_checked, self._pre_step_done, self.last_good_step, self._trainable = None, False, -1, 0, {}
-        self._snapshot = None
-        self.add_callback(_StepRatioCallback(self))
+        self._snapshot, self._stop_signal, self._stopped_at, self._verified_checkpoint = None, None, None, None
+        self.add_callback(_StepRatioCallback(self)); self.add_callback(_StopCallback(self))
         if self.processor is not None: self.add_callback(_EpochCallback(self))
         if any(isinstance(c, ProgressCallback) for c in self.callback_handler.callbacks):
             self.callback_handler.remove_callback(ProgressCallback); self.add_callback(ConsoleProgressCallback)
@@ -363,8 +435,8 @@ class BBUTrainer(Trainer):
     # ---- diagnoses
     def _where(self) -> str:
         ck = last_good_checkpoint(self.args.output_dir)
-        return (f"last good step {self.last_good_step}; last good checkpoint: {ck or 'none written yet'} "
-                "(intact: no optimizer step was taken on a non-finite value)")
+        return (f"last good step {self.last_good_step}; last good checkpoint: {ck or 'none intact yet'} "
+                "(its files match their sha256 in the marker, and no optimizer step was taken on a non-finite value)")
 
     def _diagnose_loss(self, terms: dict, inputs: dict) -> str:
         vals = {k: float(v.detach()) for k, v in terms.items()}
@@ -427,17 +499,122 @@ class BBUTrainer(Trainer):
         m.vlm.config.save_pretrained(out); m.tokenizer.save_pretrained(out); m.image_processor.save_pretrained(out)
         torch.save(self.args, out / 'training_args.bin')
 
+    def _trainable_signature(self) -> dict:
+        "What this run trains: the stage, its groups, LoRA or not, and the trainable parameter count per group."
+        m = self.accelerator.unwrap_model(self.model)
+        counts = {g: sum(p.numel() for _, p in ps if p.requires_grad) for g, ps in group_parameters(m).items()}
+        return {'stage': self.stage, 'groups': [g for g, n in counts.items() if n], 'lora': any('lora_' in n for n, _ in m.named_parameters()),
+                'trainable_parameters': {g: n for g, n in counts.items() if n}}
+
     def _save_checkpoint(self, model, trial) -> None:
-        super()._save_checkpoint(model, trial)
-        self.accelerator.wait_for_everyone()   # every process has written its RNG state
-        if self.args.should_save:
-            _write_marker(Path(self.args.output_dir) / f'checkpoint-{self.state.global_step}', self.state.global_step)
+        "The Trainer's checkpoint, then what trained and the hashed completion marker; a failed write is a CheckpointError naming the folder."
+        folder = Path(self._get_output_dir(trial)) / f'checkpoint-{self.state.global_step}'
+        if self.args.should_save and (folder / COMPLETE_MARKER).exists(): (folder / COMPLETE_MARKER).unlink()   # a stale folder of that step
+        try:
+            super()._save_checkpoint(model, trial)
+            self.accelerator.wait_for_everyone()   # every process has written its RNG state
+            if self.args.should_save:
+                write_atomic(folder / TRAINABLE_NAME, json.dumps(self._trainable_signature(), indent=1).encode())
+                _write_marker(folder, self.state.global_step)
+        except Exception as e:
+            raise _save_error(folder, e, last_good_checkpoint(self.args.output_dir)) from e
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
-        if not checkpoint_complete(resume_from_checkpoint):
-            raise FileNotFoundError(f"{resume_from_checkpoint}: incomplete checkpoint (no {COMPLETE_MARKER} or a listed file is "
-                                    f"missing / truncated); resume from last_good_checkpoint(output_dir)")
-        load_checkpoint_weights(self.accelerator.unwrap_model(model if model is not None else self.model), resume_from_checkpoint)
+        folder = Path(resume_from_checkpoint)
+        if str(folder) != self._verified_checkpoint: verify_checkpoint(folder, require_marker=True)   # train_from_config verified it
+        sig = folder / TRAINABLE_NAME
+        if sig.is_file():
+            diff = _trainable_diff(json.loads(sig.read_text(encoding='utf-8')), self._trainable_signature())
+            if diff: raise CheckpointError(f"{folder}: the trainable set changed since this checkpoint: {diff}. Resume with the "
+                                           "checkpoint's stage and LoRA settings, or start a new run (--overwrite, or another training.output_dir)")
+        load_checkpoint_weights(self.accelerator.unwrap_model(model if model is not None else self.model), folder)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        try: return super()._load_optimizer_and_scheduler(checkpoint)
+        except Exception as e: raise _load_error(checkpoint, ('optimizer.pt', 'scheduler.pt'), e) from None
+
+    def _load_rng_state(self, checkpoint):
+        try: return super()._load_rng_state(checkpoint)
+        except Exception as e: raise _load_error(checkpoint, tuple(p.name for p in Path(checkpoint or '.').glob('rng_state*.pth')), e) from None
+
+    def _load_scaler(self, checkpoint):
+        try: return super()._load_scaler(checkpoint)
+        except Exception as e: raise _load_error(checkpoint, ('scaler.pt',), e) from None
+
+    # ---- a clean stop on SIGINT / SIGTERM
+    def _on_signal(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self._stop_signal is not None:   # the second one: stop at once
+            for s, h in self._old_handlers.items(): signal.signal(s, h)
+            raise KeyboardInterrupt(f"second {name}: stopped at once, without a checkpoint of this step")
+        self._stop_signal = name
+        if self.args.process_index == 0:
+            print(f"vlmlab: {name}: stopping after step {self.state.global_step + 1} with a checkpoint (again to stop at once)",
+                  file=sys.stderr, flush=True)
+
+    def train(self, *args, **kwargs):
+        "Trainer.train; SIGINT / SIGTERM stop it after the current optimizer step with a complete checkpoint (TrainingInterrupted)."
+        self._stop_signal, self._stopped_at, self._old_handlers = None, None, {}
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM): self._old_handlers[s] = signal.signal(s, self._on_signal)
+        try: result = super().train(*args, **kwargs)
+        finally:
+            for s, h in self._old_handlers.items(): signal.signal(s, h)
+            self._old_handlers = {}
+        if self._stopped_at is not None:
+            ck = Path(self.args.output_dir) / f'checkpoint-{self._stopped_at}'
+            ck = str(ck) if checkpoint_complete(ck) else last_good_checkpoint(self.args.output_dir)
+            raise TrainingInterrupted(f"stopped by {self._stop_signal} after step {self._stopped_at} of {self.state.max_steps}: "
+                                      f"{ck or 'no checkpoint'} is complete; continue with resume=True (vlmlab train --config ... --resume)",
+                                      ck, self._stopped_at, self._stop_signal)
+        return result
+
+def _trainable_diff(saved: dict, now: dict) -> str:
+    "What differs between the trainable sets of a checkpoint and of this run ('' when nothing)."
+    out = []
+    added, removed = [g for g in now['groups'] if g not in saved['groups']], [g for g in saved['groups'] if g not in now['groups']]
+    if added: out.append(f"groups {added} train now but were frozen in the checkpoint")
+    if removed: out.append(f"groups {removed} trained in the checkpoint but are frozen now")
+    if saved.get('lora') != now['lora']: out.append(f"LoRA {'on' if saved.get('lora') else 'off'} in the checkpoint, {'on' if now['lora'] else 'off'} now")
+    for g in now['groups']:
+        a, b = saved.get('trainable_parameters', {}).get(g), now['trainable_parameters'][g]
+        if g in saved['groups'] and a != b: out.append(f"group {g}: {a} trainable parameters in the checkpoint, {b} now (LoRA rank or head size changed?)")
+    if out: out.insert(0, f"stage {saved.get('stage')!r} then, {now['stage']!r} now")
+    return '; '.join(out)
+
+def _save_error(folder: Path, e: Exception, last_good: str | None, what: str = 'the checkpoint') -> CheckpointError:
+    "The one-line error of a checkpoint write that failed (disk full named as such); removes what was half-written."
+    import shutil
+    text = f"{type(e).__name__}: {e}"
+    full = (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or any(
+        s in text for s in ('No space left', 'StorageFull', 'code: 28', 'Disk quota'))
+    if not full and any(s in text for s in ('file write failed', 'unexpected pos', 'Errno')):   # torch.save hides the errno
+        try: full = shutil.disk_usage(folder.parent).free < 64 * 2**20
+        except OSError: pass
+    removed = False
+    if folder.is_dir() and not (folder / COMPLETE_MARKER).exists() and int(os.environ.get('RANK', '0')) == 0:
+        shutil.rmtree(folder, ignore_errors=True); removed = True
+    why = (f"disk full (ENOSPC) while writing {what}" if full else f"writing {what} failed ({text.splitlines()[0][:200]})")
+    resume = '' if what != 'the checkpoint' else f"resume would use {last_good or 'no checkpoint (none complete yet)'}. "
+    return CheckpointError(f"{folder}: {why}; {'the half-written folder was removed, ' if removed else ''}{resume}Free space (or set "
+                           "training.output_dir on a larger disk), then --resume")
+
+def _load_error(checkpoint, names: tuple, e: Exception) -> Exception:
+    "Name the checkpoint file torch.load(weights_only=True) refused (a pickle with code in it), or the one that does not fit."
+    if isinstance(e, CheckpointError): return e
+    for n in names:
+        f = Path(checkpoint) / n
+        if not f.is_file(): continue
+        try: torch.load(f, map_location='cpu', weights_only=True)
+        except Exception as ex:
+            why = str(ex).strip().splitlines()[0][:160]
+            if isinstance(ex, pickle.UnpicklingError) or 'weights_only' in str(ex).lower() or 'Weights only' in str(ex):
+                return PickleRefusedError(f"{f}: refused by torch.load(weights_only=True): not a weights-only checkpoint file (a pickle "
+                                       f"that would run code: {why}); use a checkpoint vlmlab wrote, or retrain")
+            return CheckpointError(f"{f}: cannot be read ({why})")
+    return CheckpointError(f"{checkpoint}: its optimizer / scheduler state does not fit this run (the trainable set or optimizer "
+                           f"changed?): {str(e).strip().splitlines()[0][:200]}; resume with the checkpoint's settings or start a new run")
+
 
 # %% ../nbs/07_trainer.ipynb #07-trainer-012
 def training_arguments(cfg: VLMLabConfig, # the run's config
@@ -471,6 +648,7 @@ def build_trainer(cfg: VLMLabConfig, # the run's config
     from transformers import set_seed
     from transformers.integrations import TensorBoardCallback
     from torch.utils.tensorboard import SummaryWriter
+    cfg.check()   # again: command-line overrides (--max-steps ...) are set after loading
     out = Path(overrides.get('output_dir', cfg.training.output_dir))
     _ensure_writable(out)
     args = training_arguments(cfg, disable_tqdm=not progress, **overrides)   # first: it sets up the process group (torchrun)
@@ -485,17 +663,75 @@ def build_trainer(cfg: VLMLabConfig, # the run's config
     return BBUTrainer(model, args, stage, cfg.stage.lrs, proc, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collator,
                       callbacks=[*tb, *callbacks])
 
+RUN_FILES = ('final', 'metrics.json', 'ablation.json', 'report', 'tensorboard')   # what a vlmlab run writes, beside checkpoint-N/
+
+def run_files(output_dir: str | Path, # a training output folder
+             ) -> list[Path]:
+    "The files and folders a previous vlmlab run left in `output_dir` (what `overwrite=True` removes); nothing else is listed."
+    d = Path(output_dir)
+    if not d.is_dir(): return []
+    out = []
+    for p in sorted(d.iterdir()):
+        if re.fullmatch(r'checkpoint-\d+', p.name) or p.name in ('final', 'metrics.json', 'ablation.json', 'tensorboard'): out.append(p)
+        elif p.name == 'report' and (p.is_symlink() or (p / 'index.html').is_file()): out.append(p)   # a report/ of our own only
+        elif re.fullmatch(r'\.final\.(tmp|old)-\d+', p.name): out.append(p)   # an export cut short
+    return out
+
+def remove_run(output_dir: str | Path, # a training output folder
+              ) -> list[str]:
+    "Remove the previous run's files (`run_files`) from `output_dir`, never following a symlink; return the names removed."
+    import shutil
+    d, gone = Path(output_dir).resolve(), []
+    for p in run_files(d):
+        if p.parent.resolve() != d: continue   # never outside output_dir
+        if p.is_symlink() or p.is_file(): p.unlink()
+        else: shutil.rmtree(p)
+        gone.append(p.name)
+    return gone
+
+def _resume_point(out: Path, resume: bool | str, rank0: bool) -> str | None:
+    "The checkpoint to resume from (verified), printing which and what was skipped; CheckpointError when none is usable."
+    if resume is False: return None
+    if resume is not True:
+        verify_checkpoint(resume, require_marker=True)
+        ckpt = str(resume)
+    else:
+        skipped = []
+        ckpt = last_good_checkpoint(out, skipped)
+        for f, why in skipped:
+            if rank0: print(f"skipping {Path(f).name}: {why}", flush=True)
+        if ckpt is None and skipped:
+            raise CheckpointError(f"{out}: no intact checkpoint to resume from ({len(skipped)} found, none intact: {skipped[0][1]}); "
+                                  "start again with --overwrite")
+        if ckpt is None:
+            if any(p.name in ('final', 'metrics.json') for p in run_files(out)):
+                raise RunExistsError(f"{out}: holds a finished run without checkpoints: nothing to resume; pass --overwrite to train again")
+            if rank0: print(f"no complete checkpoint in {out}: starting at step 0", flush=True)
+            return None
+    step = json.loads((Path(ckpt) / COMPLETE_MARKER).read_text(encoding='utf-8'))['step']
+    if rank0: print(f"resuming from {ckpt} (step {step})", flush=True)
+    return ckpt
+
 def train_from_config(cfg: VLMLabConfig, # the run's config
-                      resume: bool | str = False, # True: from the last complete checkpoint in output_dir; or a checkpoint folder
+                      resume: bool | str = False, # True: from the last intact checkpoint in output_dir; or a checkpoint folder
                       progress: bool = True, # progress bars
                       callbacks: Sequence[TrainerCallback] = (), # extra Trainer callbacks
+                      overwrite: bool = False, # remove a previous run's checkpoints, final/, metrics, ablation and report first
                       **overrides, # TrainingArguments fields over the config's
                      ) -> dict:
     "Train a config end to end; write the final model and metrics.json into the output folder and return the metrics."
+    if resume and overwrite: raise ConfigError("resume and overwrite exclude each other: --resume continues the run, --overwrite replaces it")
+    out = Path(overrides.get('output_dir', cfg.training.output_dir))
+    rank0 = int(os.environ.get('RANK', '0')) == 0
+    old = run_files(out)
+    if old and not resume and not overwrite:
+        raise RunExistsError(f"{out}: already holds a run ({', '.join(p.name for p in old[:6])}{' ...' if len(old) > 6 else ''}): pass "
+                             "--resume to continue it or --overwrite to replace it (resume=True / overwrite=True)")
+    if old and overwrite and rank0:
+        print(f"overwrite: removed {', '.join(remove_run(out))} from {out}", flush=True)
+    ckpt = _resume_point(out, resume, rank0)   # before the model loads: a bad checkpoint costs nothing
     trainer = build_trainer(cfg, progress, callbacks, **overrides)
-    out = Path(trainer.args.output_dir)
-    ckpt = (last_good_checkpoint(out) if resume is True else resume) or None
-    if resume is True and ckpt is None and trainer.args.process_index == 0: print(f"no complete checkpoint in {out}: starting at step 0")
+    trainer._verified_checkpoint = ckpt   # hashed once, just above
     result = trainer.train(resume_from_checkpoint=ckpt)
     if trainer.args.process_index == 0: export_model(trainer.accelerator.unwrap_model(trainer.model), out / 'final')
     metrics = {'train': result.metrics, 'resumed_from': ckpt, 'log_history': trainer.state.log_history, 'config': cfg.to_dict(),
@@ -504,3 +740,4 @@ def train_from_config(cfg: VLMLabConfig, # the run's config
     if trainer.eval_dataset is not None: metrics['eval'] = trainer.evaluate()
     if trainer.args.process_index == 0: write_atomic(out / 'metrics.json', json.dumps(metrics, indent=1, default=str).encode())
     return metrics
+

@@ -6,22 +6,32 @@
 from __future__ import annotations
 
 import ast
+import bisect
+import contextlib
 import hashlib
 import importlib.util
+import io
 import math
+import mmap
+import os
+import re
+import stat
+import warnings
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .tokens import IMAGE_PAD, VISION_END, VISION_START, image_token_count
 
 # %% auto #0
-__all__ = ['MAX_RATIO', 'FAMILY_PATCH_SIZE', 'RELEASED_PIXELS', 'COORD_SPACE', 'ResizeError', 'smart_resize',
-           'load_reference_smart_resize', 'FingerprintMismatch', 'ResizeSpec', 'ImageLoadError', 'to_rgb', 'load_image',
-           'image_size', 'ImageTokenError', 'assert_image_tokens', 'scale_boxes', 'boxes_to_model', 'boxes_from_model']
+__all__ = ['MAX_RATIO', 'FAMILY_PATCH_SIZE', 'RELEASED_PIXELS', 'DECODE_PIXELS_FACTOR', 'MAX_DECODE_PIXELS', 'COORD_SPACE',
+           'ResizeError', 'smart_resize', 'load_reference_smart_resize', 'FingerprintMismatch', 'ResizeSpec',
+           'ImageLoadError', 'to_rgb', 'ImageInfo', 'image_info', 'image_size', 'read_image', 'load_image', 'as_image',
+           'ImageTokenError', 'assert_image_tokens', 'scale_boxes', 'boxes_to_model', 'boxes_from_model']
 
 # %% ../nbs/01_vision.ipynb #01-vision-006
 MAX_RATIO = 200  # the largest aspect ratio the Qwen resizers accept
@@ -88,6 +98,8 @@ def load_reference_smart_resize():
 # %% ../nbs/01_vision.ipynb #01-vision-024
 FAMILY_PATCH_SIZE = {'qwen2_vl': 14, 'qwen2_5_vl': 14, 'qwen3_vl': 16}
 RELEASED_PIXELS = {'qwen2_vl': (3136, 12845056), 'qwen2_5_vl': (3136, 12845056), 'qwen3_vl': (65536, 16777216)}
+DECODE_PIXELS_FACTOR = 8   # an image file may decode to at most this many times the family's released max_pixels
+MAX_DECODE_PIXELS = DECODE_PIXELS_FACTOR * max(hi for _, hi in RELEASED_PIXELS.values())   # the cap without a spec: 134,217,728
 
 class FingerprintMismatch(ValueError):
     "A record was converted for another resize spec or model family than the one in use."
@@ -111,6 +123,11 @@ class ResizeSpec:
     def factor(self) -> int:
         "Both resized sides are multiples of this."
         return self.patch_size * self.merge_size
+
+    @property
+    def max_decode_pixels(self) -> int:
+        "Largest image file (pixels of one frame) worth decoding for this family: what `convert` passes to `load_image`."
+        return DECODE_PIXELS_FACTOR * max(self.max_pixels, RELEASED_PIXELS.get(self.family, (0, 0))[1])
 
     @property
     def fingerprint(self) -> str:
@@ -172,8 +189,9 @@ def to_rgb(img: Image.Image, # a decoded image of any mode
     if img.mode == 'RGB': return img
     if img.mode == 'P': img = img.convert('RGBA' if 'transparency' in img.info else 'RGB')
     if img.mode in ('I;16', 'I;16B', 'I;16L', 'I'):
-        a = np.asarray(img).astype(np.int64)
-        img = Image.fromarray((np.clip(a, 0, 65535) >> 8).astype(np.uint8), 'L')
+        a = np.asarray(img)   # uint16 for I;16 (2 bytes a pixel), int32 for I: no 8-byte copy of a large image
+        top = (a >> 8).astype(np.uint8) if a.dtype == np.uint16 else (np.clip(a, 0, 65535) >> 8).astype(np.uint8)
+        img = Image.fromarray(top, 'L')
     elif img.mode == 'F':
         img = Image.fromarray(np.clip(np.asarray(img), 0, 255).round().astype(np.uint8), 'L')
     if img.mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La'):
@@ -182,29 +200,265 @@ def to_rgb(img: Image.Image, # a decoded image of any mode
         return Image.alpha_composite(bg, rgba).convert('RGB')
     return img.convert('RGB')
 
-def load_image(path: str | Path, # image file
-              ) -> Image.Image:
-    "Decode an image with its EXIF orientation applied, as RGB; `ImageLoadError` names the file otherwise."
-    path = Path(path)
-    if not path.exists(): raise ImageLoadError(f"{path}: file not found")
+# %% ../nbs/01_vision.ipynb #01-vision-301
+_FILE_KINDS = ((stat.S_ISDIR, 'a directory'), (stat.S_ISFIFO, 'a FIFO (named pipe)'), (stat.S_ISCHR, 'a character device'),
+               (stat.S_ISBLK, 'a block device'), (stat.S_ISSOCK, 'a socket'))
+
+def _not_regular(mode: int) -> str | None:
+    "What a non-regular file is ('a FIFO (named pipe)', ...), or None for a regular file."
+    if stat.S_ISREG(mode): return None
+    return next((what for test, what in _FILE_KINDS if test(mode)), 'not a regular file')
+
+@contextlib.contextmanager
+def _regular_file(path: Path):
+    "Open a regular file for reading; anything else is refused by `stat` before it is opened (a FIFO's open blocks)."
+    try: st = os.stat(path)
+    except FileNotFoundError: raise ImageLoadError(f"{path}: file not found") from None
+    except OSError as e: raise ImageLoadError(f"{path}: cannot read it ({type(e).__name__}: {e})") from None
+    if (what := _not_regular(st.st_mode)):
+        raise ImageLoadError(f"{path}: is {what}, not a regular file; an image path must name a regular file (it was not opened)")
+    try: fd = os.open(path, os.O_RDONLY | getattr(os, 'O_NONBLOCK', 0))   # a FIFO swapped in after the stat cannot block
+    except OSError as e: raise ImageLoadError(f"{path}: cannot open it ({type(e).__name__}: {e})") from None
+    with os.fdopen(fd, 'rb') as f:
+        if (what := _not_regular(os.fstat(f.fileno()).st_mode)):
+            raise ImageLoadError(f"{path}: is {what}, not a regular file; an image path must name a regular file")
+        yield f
+
+# %% ../nbs/01_vision.ipynb #01-vision-302
+@dataclass(frozen=True)
+class ImageInfo:
+    "What an image file's header says, read without decoding its pixels."
+    format: str                  # PIL format name (JPEG, PNG, GIF, WEBP, TIFF, MPO, ...)
+    mode: str                    # PIL mode of the pixels it decodes to (RGB, I;16, P, CMYK, ...)
+    stored_size: tuple[int, int] # (width, height) as stored
+    size: tuple[int, int]        # (width, height) as displayed, after the EXIF orientation
+    orientation: int             # EXIF orientation tag (1 when absent or invalid)
+    frames: int                  # frames or pages in the file; vlmlab decodes frame 0
+
+    @property
+    def pixels(self) -> int:
+        "Pixels that decoding one frame produces."
+        return self.stored_size[0] * self.stored_size[1]
+
+    @property
+    def notes(self) -> list[str]:
+        "What loading changes or leaves out, for a conversion record."
+        return ([f'EXIF orientation {self.orientation} applied'] if self.orientation != 1 else []) + \
+               ([f'{self.format} with {self.frames} frames: frame 0 used'] if self.frames > 1 else []) + \
+               ([f'converted from {self.mode} to RGB'] if self.mode not in ('RGB', 'L', 'P') else [])
+
+def _check_cost(im: Image.Image, name, max_decode_pixels: int | None) -> None:
+    "Refuse an image whose frame would decode to more pixels than the cap, from its header alone."
+    (w, h), mode = im.size, im.mode
+    if max_decode_pixels is None or w * h <= max_decode_pixels: return
+    mb = w * h * len(Image.new(mode, (1, 1)).tobytes()) / 2**20
+    raise ImageLoadError(f"{name}: {w}x{h} {mode} {im.format or 'image'} ({w * h / 1e6:.1f} M pixels, about {mb:,.0f} MB to decode) is past "
+                         f"max_decode_pixels={max_decode_pixels:,}; refused before decoding. Downscale the file, or raise the cap "
+                         "(max_decode_pixels, `--max-decode-pixels`) if it is a real image")
+
+def _png_chunk(f, kind: bytes) -> bytes | None:
+    "The data of a PNG file's first chunk of this kind, found by seeking from chunk to chunk (nothing is decompressed)."
+    back = f.tell(); f.seek(8)
     try:
-        with Image.open(path) as im:
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            return to_rgb(im)
+        while len(head := f.read(8)) == 8:
+            n = int.from_bytes(head[:4], 'big')
+            if head[4:] == kind: return f.read(n)
+            if head[4:] == b'IEND': return None
+            f.seek(n + 4, os.SEEK_CUR)
+        return None
+    finally: f.seek(back)
+
+def _header_info(im: Image.Image, name, max_decode_pixels: int | None, f=None) -> ImageInfo:
+    "The header of an opened (not decoded) image, after the decode-cost check."
+    _check_cost(im, name, max_decode_pixels)
+    w, h = im.size
+    if im.format == 'PNG' and 'exif' not in im.info and f is not None:   # PIL's getexif() would decode a PNG to find its eXIf
+        exif = Image.Exif()
+        if (raw := _png_chunk(f, b'eXIf')): exif.load(raw)
+    else: exif = im.getexif()
+    o = exif.get(0x0112, 1)
+    o = o if isinstance(o, int) and 1 <= o <= 8 else 1
+    return ImageInfo(im.format or '?', im.mode, (w, h), (h, w) if o in (5, 6, 7, 8) else (w, h), o, int(getattr(im, 'n_frames', 1) or 1))
+
+def image_info(path: str | Path, # image file
+               max_decode_pixels: int | None = MAX_DECODE_PIXELS, # refuse frames larger than this (None: PIL's own limit only)
+              ) -> ImageInfo:
+    "Format, mode, sizes, orientation and frame count from the header, without decoding; refuses what `load_image` refuses."
+    path = Path(path)
+    try:
+        with _regular_file(path) as f, warnings.catch_warnings():
+            warnings.simplefilter('ignore', Image.DecompressionBombWarning)
+            with Image.open(f) as im: return _header_info(im, path, max_decode_pixels, f)
     except ImageLoadError: raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ImageLoadError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from e
+        raise ImageLoadError(f"{path}: cannot read image header ({type(e).__name__}: {e})") from e
 
 def image_size(path: str | Path, # image file
+               max_decode_pixels: int | None = MAX_DECODE_PIXELS, # refuse frames larger than this (None: PIL's own limit only)
               ) -> tuple[int, int]:
     "(width, height) as displayed, i.e. after the EXIF orientation, without decoding the pixels."
+    return image_info(path, max_decode_pixels).size
+
+# %% ../nbs/01_vision.ipynb #01-vision-303
+@contextlib.contextmanager
+def _strict_decoding():
+    "PIL refuses truncated files (LOAD_TRUNCATED_IMAGES off, whatever the caller set) and its warnings are collected."
+    old = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
-        with Image.open(path) as im:
-            w, h = im.size
-            return (h, w) if im.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (w, h)
-    except (UnidentifiedImageError, OSError) as e:
-        raise ImageLoadError(f"{path}: cannot read image header ({type(e).__name__}: {e})") from e
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            warnings.simplefilter('ignore', Image.DecompressionBombWarning)   # max_decode_pixels is the policy
+            yield caught
+    finally: ImageFile.LOAD_TRUNCATED_IMAGES = old
+
+_SCAN_END = re.compile(rb'\xff(?![\x00\xd0-\xd7])')   # inside a scan 0xFF is followed by 0x00 (stuffing) or RSTn only
+_PAD = bytes((k * 37 + 11) % 254 + 1 for k in range(4096))   # junk entropy bytes, no 0xFF: never a marker
+
+def _jpeg_scan(data: bytes) -> tuple[int, int] | None:
+    "(start, end) of the entropy-coded data of a single-scan Huffman baseline JPEG; None for other layouts (progressive, ...)."
+    pos, sof = 2, None
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF: return None
+        m = data[pos + 1]
+        if m == 0xFF: pos += 1; continue
+        if m == 0x01 or 0xD0 <= m <= 0xD8: pos += 2; continue
+        n = int.from_bytes(data[pos + 2:pos + 4], 'big')
+        if 0xC0 <= m <= 0xCF and m not in (0xC4, 0xC8, 0xCC): sof = m
+        elif m == 0xDA:
+            if sof not in (0xC0, 0xC1): return None
+            start = pos + 2 + n
+            end = _SCAN_END.search(data, start)
+            if end is None: return None   # cut: PIL reports it
+            if data[end.start() + 1] == 0xD9 or not _after_scan(data, end.start()): return start, end.start()
+            return None   # more scans follow (a baseline file may carry one scan per component)
+        pos += 2 + n
+    return None
+
+_BETWEEN_SCANS = {0xC4, 0xCC, 0xDB, 0xDC, 0xDD, 0xFE, *range(0xE0, 0xF0)}   # tables, DNL, restart interval, comments, APPn
+
+def _after_scan(data: bytes, pos: int) -> bool:
+    "Whether the markers after a scan chain properly to another scan; a stray 0xFF inside a damaged scan does not."
+    while pos + 4 <= len(data) and data[pos] == 0xFF:
+        m = data[pos + 1]
+        if m == 0xDA: return True
+        if m not in _BETWEEN_SCANS: return False
+        pos += 2 + int.from_bytes(data[pos + 2:pos + 4], 'big')
+    return False
+
+_JPEG_SLACK = 16   # bytes a valid scan's decoder may read past its data (libjpeg fills up to 57 bits ahead)
+
+class _PacedReader(io.BytesIO):
+    "File bytes handed to the decoder in ever smaller reads up to one position, so the read position shows where decoding stopped."
+    def __init__(self, data: bytes, at: int, after: int):
+        super().__init__(data)
+        self.marks = sorted(m for m in {*(at - 2**k for k in range(12)), at, at + _JPEG_SLACK, *(at + 2**k for k in range(5, 13))} if m > after)
+    def read(self, n: int | None = -1) -> bytes:
+        pos = self.tell()
+        k = bisect.bisect_right(self.marks, pos)
+        if k < len(self.marks) and (n is None or n < 0 or pos + n > self.marks[k]): n = self.marks[k] - pos
+        return super().read(n)
+
+def _check_jpeg(fed: int, end: int, name) -> None:
+    "Refuse a scan whose decoder stopped before its data ended (bytes changed) or read into the junk after it (data missing)."
+    if fed < end:
+        raise ImageLoadError(f"{name}: cannot decode image: corrupt JPEG scan data: the decoder finished the image at least {end - fed} "
+                             "bytes before the scan data ends (bytes changed inside the scan); the rest of the image would be garbage. "
+                             "Re-export the file or drop it")
+    if fed > end + _JPEG_SLACK:
+        raise ImageLoadError(f"{name}: cannot decode image: corrupt or cut JPEG scan data: the scan ends before the image does (bytes "
+                             "missing, or an end marker inside the scan); the rest would be filled from nothing. Re-export the file or drop it")
+
+def _check_png(data: bytes, name) -> None:
+    "Refuse a PNG with a chunk whose CRC does not match (bytes changed), a cut chunk, or no IEND."
+    pos = 8
+    while pos + 12 <= len(data):
+        n, kind = int.from_bytes(data[pos:pos + 4], 'big'), data[pos + 4:pos + 8]
+        if pos + 12 + n > len(data): break
+        if zlib.crc32(memoryview(data)[pos + 4:pos + 8 + n]) != int.from_bytes(data[pos + 8 + n:pos + 12 + n], 'big'):
+            raise ImageLoadError(f"{name}: cannot decode image: corrupt PNG: chunk {kind.decode('latin-1')!r} at byte {pos} fails "
+                                 "its CRC (bytes changed). Re-export the file or drop it")
+        if kind == b'IEND': return
+        pos += 12 + n
+    raise ImageLoadError(f"{name}: cannot decode image: truncated PNG: the file ends at byte {len(data)} before its IEND chunk")
+
+# %% ../nbs/01_vision.ipynb #01-vision-304
+_WARNED = re.compile(r'truncat|corrupt|premature|broken', re.I)
+_MAX_SCANS = 500   # encoders write about 10; a small file with thousands of scans takes minutes to decode
+
+def _decode(im: Image.Image, data: bytes | None, fed, name) -> Image.Image:
+    "Decode an opened image strictly, then check what PIL does not: JPEG scans out of step, PNG CRCs."
+    with _strict_decoding() as caught:
+        im.load()
+    if data is not None and im.format == 'PNG': _check_png(data, name)
+    if fed is not None: _check_jpeg(*fed(), name)
+    if (bad := [str(w.message) for w in caught if _WARNED.search(str(w.message))]):
+        raise ImageLoadError(f"{name}: cannot decode image: the decoder warned: {'; '.join(bad)}")
+    return im
+
+def _count_scans(data, stop: int = _MAX_SCANS + 1) -> int:
+    "Start-of-scan markers in a JPEG, up to `stop` (0xFFDA cannot occur inside scan data, where 0xFF is always stuffed)."
+    n, pos = 0, data.find(b'\xff\xda')
+    while pos >= 0 and n < stop: n, pos = n + 1, data.find(b'\xff\xda', pos + 2)
+    return n
+
+def _read_mapped(data, f, path: Path, max_decode_pixels: int | None) -> tuple[Image.Image, ImageInfo]:
+    "`read_image` on a file's mapped bytes `data` (scanned and checked) and the file `f` itself (what PIL reads)."
+    scan = _jpeg_scan(data) if data[:3] == b'\xff\xd8\xff' else None
+    if scan:   # junk after the scan data: a decoder that needs more than the scan holds reads into it, and the reads show it
+        src = _PacedReader(data[:scan[1]] + _PAD + data[scan[1]:scan[1] + 2], scan[1], scan[0])
+    else: src = f
+    if scan is None and data[:3] == b'\xff\xd8\xff' and _count_scans(data) > _MAX_SCANS:   # progressive, multi-scan
+        raise ImageLoadError(f"{path}: cannot decode image: JPEG with more than {_MAX_SCANS} scans (decoding time grows with each; "
+                             "normal progressive files have about ten). Re-export the file")
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', Image.DecompressionBombWarning)
+        im = Image.open(src)
+    with im:
+        info = _header_info(im, path, max_decode_pixels, src)   # before anything is decoded
+        im = _decode(im, data, (lambda: (src.tell(), scan[1])) if scan else None, path)
+        im = ImageOps.exif_transpose(im) if info.orientation != 1 else im
+        return to_rgb(im), info
+
+def read_image(path: str | Path, # image file
+               max_decode_pixels: int | None = MAX_DECODE_PIXELS, # refuse frames larger than this before decoding (None: PIL's own limit only)
+              ) -> tuple[Image.Image, ImageInfo]:
+    "Decode frame 0 as RGB with its EXIF orientation applied, and the header's `ImageInfo`; `ImageLoadError` names the file otherwise."
+    path = Path(path)
+    try:
+        with _regular_file(path) as f:
+            if os.fstat(f.fileno()).st_size == 0: raise ImageLoadError(f"{path}: cannot decode image: the file is empty")
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:   # read as the decoder asks; a long tail is never loaded
+                return _read_mapped(data, f, path, max_decode_pixels)
+    except ImageLoadError: raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+        raise ImageLoadError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from e
+
+def load_image(path: str | Path, # image file
+               max_decode_pixels: int | None = MAX_DECODE_PIXELS, # refuse frames larger than this before decoding (None: PIL's own limit only)
+              ) -> Image.Image:
+    "Decode an image with its EXIF orientation applied, as RGB; `ImageLoadError` names the file otherwise."
+    return read_image(path, max_decode_pixels)[0]
+
+def as_image(image: str | Path | Image.Image, # an image file, or a PIL image (opened or decoded)
+             max_decode_pixels: int | None = MAX_DECODE_PIXELS, # refuse larger frames before decoding (None: PIL's own limit only)
+            ) -> Image.Image:
+    "The RGB image as displayed: a path goes through `load_image`, a PIL image gets its EXIF orientation applied the same way."
+    if isinstance(image, (str, os.PathLike)): return load_image(image, max_decode_pixels)
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"expected an image path or a PIL image, got {type(image).__name__}")
+    name = getattr(image, 'filename', '') or f'PIL image {image.size[0]}x{image.size[1]} {image.mode}'
+    _check_cost(image, name, max_decode_pixels)
+    if getattr(image, 'tile', None) and getattr(image, 'filename', '') and image.tell() == 0:
+        return load_image(image.filename, max_decode_pixels)   # opened, not decoded: the file gets every check a path gets
+    try:
+        image = _decode(image, None, None, name) if getattr(image, 'tile', None) else image
+        o = image.getexif().get(0x0112, 1)
+        if isinstance(o, int) and 2 <= o <= 8: image = ImageOps.exif_transpose(image)   # the copy it returns has no tag left
+    except ImageLoadError: raise
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ImageLoadError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from e
+    return to_rgb(image)
 
 # %% ../nbs/01_vision.ipynb #01-vision-039
 class ImageTokenError(ValueError):
