@@ -273,3 +273,87 @@ def test_evaluation_of_a_packed_run(ds, tmp_path):
     cfg = config(ds, tmp_path / 'run', max_steps=1)
     cfg.data.eval_split, cfg.data.packing, cfg.data.max_tokens = 'train', True, 4096
     trained_and_evaluated(cfg)
+
+
+# ---- the transformers hooks the guards live in (start-up check, and each hook seen called)
+
+def _version():
+    import re
+    import transformers
+    return re.escape(transformers.__version__)
+
+
+def test_startup_refuses_a_transformers_without_a_hook(ds, tmp_path, monkeypatch):
+    from transformers import Trainer
+    from vlmlab.trainer import TrainerHookError
+    monkeypatch.delattr(Trainer, '_get_grad_norm')   # a release that renamed it
+    with pytest.raises(TrainerHookError, match=rf"transformers {_version()}: Trainer\._get_grad_norm does not exist.*transformers>=5\.23,<5\.24"):
+        build_trainer(config(ds, tmp_path), progress=False)
+
+
+def test_startup_refuses_a_hook_with_a_new_signature(ds, tmp_path, monkeypatch):
+    from transformers import Trainer
+    from vlmlab.trainer import TrainerHookError
+    monkeypatch.setattr(Trainer, '_save_checkpoint', lambda self, model, trial, metrics=None: None)
+    with pytest.raises(TrainerHookError, match=r"Trainer\._save_checkpoint takes \(model, trial, metrics\) where BBUTrainer's use of it takes \(model, trial\)"):
+        build_trainer(config(ds, tmp_path), progress=False)
+
+
+def test_startup_refuses_a_renamed_init_attribute(ds, tmp_path, monkeypatch):
+    from transformers import Trainer
+    from vlmlab.trainer import TrainerHookError
+    init = Trainer.__init__
+    def renamed(self, *a, **k):
+        init(self, *a, **k); self._loss_shifts_labels_v2 = self.__dict__.pop('_loss_shifts_labels')
+    monkeypatch.setattr(Trainer, '__init__', renamed)
+    with pytest.raises(TrainerHookError, match=rf"transformers {_version()}: Trainer\.__init__ no longer sets \['_loss_shifts_labels'\]"):
+        build_trainer(config(ds, tmp_path), progress=False)
+
+
+def _rebuilt(tr, cls):
+    "The same trainer as `cls` (a BBUTrainer subclass that imitates a transformers release)."
+    return cls(tr.model, tr.args, tr.stage, tr.lrs, tr.processor, train_dataset=tr.train_dataset, data_collator=tr.data_collator)
+
+
+def test_grad_norm_hooks_not_called_stop_before_the_first_optimizer_step(ds, tmp_path):
+    from transformers import Trainer
+    from vlmlab.trainer import TrainerHookError
+    class SkipsGradNormHooks(BBUTrainer):
+        "A training loop that no longer reaches BBUTrainer's overrides (the hooks were renamed upstream)."
+        def _clip_grad_norm(self, model): return Trainer._clip_grad_norm(self, model)
+        def _get_grad_norm(self, model, grad_norm=None): return Trainer._get_grad_norm(self, model, grad_norm)
+    tr = _rebuilt(build_trainer(config(ds, tmp_path), progress=False), SkipsGradNormHooks)
+    w = tr.model.head.obj_head.weight.detach().clone()
+    with pytest.raises(TrainerHookError, match=rf"transformers {_version()}: optimizer step 1 ran without the Trainer calling "
+                                               r"BBUTrainer\._clip_grad_norm or \._get_grad_norm, so the trainable-set check"):
+        tr.train()
+    assert torch.equal(w, tr.model.head.obj_head.weight.detach())   # stopped before the optimizer applied the unguarded step
+
+
+def test_save_checkpoint_not_called_stops_at_the_save(ds, tmp_path):
+    from transformers import Trainer
+    from vlmlab.trainer import TrainerHookError
+    class SkipsSaveCheckpoint(BBUTrainer):
+        _save_checkpoint = Trainer._save_checkpoint   # the loop saves through the Trainer's own: no marker, no trainable record
+    tr = _rebuilt(build_trainer(config(ds, tmp_path, max_steps=2, save_steps=1), progress=False), SkipsSaveCheckpoint)
+    with pytest.raises(TrainerHookError, match=r"the Trainer saved step 1 without calling BBUTrainer\._save_checkpoint"):
+        tr.train()
+
+
+def test_load_from_checkpoint_not_called_stops_the_resume(ds, tmp_path):
+    from vlmlab.trainer import TrainerHookError
+    build_trainer(config(ds, tmp_path, max_steps=1, save_steps=1), progress=False).train()
+    class SkipsLoad(BBUTrainer):
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None): pass   # as if the Trainer called another loader
+    tr = _rebuilt(build_trainer(config(ds, tmp_path, max_steps=2, save_steps=1), progress=False), SkipsLoad)
+    with pytest.raises(TrainerHookError, match=r"did not call BBUTrainer\._load_from_checkpoint"):
+        tr.train(resume_from_checkpoint=str(tmp_path / 'checkpoint-1'))
+
+
+def test_num_items_in_batch_not_passed_stops_the_first_window(ds, tmp_path, monkeypatch):
+    from transformers import Trainer
+    from vlmlab.trainer import TrainerHookError
+    tr = build_trainer(config(ds, tmp_path), progress=False)
+    monkeypatch.setattr(Trainer, '_get_num_items_in_batch', lambda self, batches, device: None)
+    with pytest.raises(TrainerHookError, match=r"counted num_items_in_batch = None, not the \d+ label tokens .*exact gradient accumulation"):
+        tr.train()

@@ -20,7 +20,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from .tokens import (ENDOFTEXT, IMAGE_PAD, IM_END, IM_START, OBJECT_REF_START, OBJECT_REF_END, BOX_START, BOX_END,
-                           VISION_START, VISION_END, VIDEO_PAD, VISION_PAD, chatml_segments, image_token_count, mm_token_type_ids)
+                           VISION_START, VISION_END, VIDEO_PAD, VISION_PAD, PlaceholderError, assert_no_placeholders, chatml_segments,
+                           image_token_count, mm_token_type_ids)
 from .vision import ResizeSpec, assert_image_tokens, boxes_to_model, load_image
 from .data import record_images, resolve_inside
 
@@ -96,6 +97,13 @@ def _markup_in_text(rec: dict) -> str | None:
         texts += [c] if isinstance(c, str) else [p.get('text') for p in c if isinstance(p, dict)] if isinstance(c, list) else []
     return next((f"{t} in {x[:80]!r}" for x in texts if isinstance(x, str) for t in _MARKUP_TOKENS if t in x), None)
 
+def _refuse_placeholders(seg, sid: str, rid: str) -> None:
+    "`assert_no_placeholders` on one rendered text piece, the error naming the sample, the message and the teacher record it came from."
+    try: assert_no_placeholders(seg.text, sid)
+    except PlaceholderError as e:
+        where = f"message {seg.message} ({seg.role}{', from teacher demonstration ' + repr(rid) if rid != sid else ''})"
+        raise PlaceholderError(str(e).replace(f"sample {sid!r}: ", f"sample {sid!r}, {where}: ", 1)) from None
+
 def _shape(n: int) -> str: return 'text-only' if n == 0 else f"a {n}-image record"
 def _which(k: int, n: int) -> str: return f" image {k + 1} of {n}" if n > 1 else ''
 
@@ -142,6 +150,7 @@ class ChatProcessor:
                  n_teachers: int = 1, # demonstrations per sample when it gets them
                  teacher_pool: Sequence[dict] | None = None, # records to draw demonstrations from
                  seed: int = 0, # with the epoch and sample id, fixes the teacher choice
+                 check_placeholders: bool = True, # refuse text with an unfilled template placeholder (off only for data that means `{x}` literally, e.g. code)
                 ):
         if target not in ('grounding', 'caption', 'conversation'):
             raise ValueError(f"target must be 'grounding', 'caption' or 'conversation', got {target!r}")
@@ -150,6 +159,7 @@ class ChatProcessor:
         self.ds_root, self.max_length, self.target = Path(ds_root), max_length, target
         self.prompt = prompt or (DEFAULT_CAPTION_PROMPT if target == 'caption' else DEFAULT_GROUNDING_PROMPT)
         self.teacher_ratio, self.n_teachers, self.teacher_pool, self.seed = teacher_ratio, n_teachers, list(teacher_pool or []), seed
+        self.check_placeholders = check_placeholders
         self.spec = ResizeSpec.from_image_processor(image_processor, family)
         self.merge_size = image_processor.merge_size
         self.vision_ids = {tokenizer.convert_tokens_to_ids(t) for t in (VISION_START, VISION_END, VISION_PAD, IMAGE_PAD, VIDEO_PAD)}
@@ -205,7 +215,7 @@ class ChatProcessor:
         "Process one record; raises `ChatError` (or a resize / image-token error) naming the sample."
         sid = record['id']
         examples = [(t, 'teacher') for t in self.teachers_for(record, epoch)] + [(record, 'student')]
-        messages, owners, images, entries = [], [], [], []   # entries: (record, k, n, image entry) per image, in order
+        messages, owners, msg_ids, images, entries = [], [], [], [], []   # entries: (record, k, n, image entry) per image, in order
         for rec, owner in examples:
             msgs = self.example_messages(rec)
             if (markup := _markup_in_text(rec)):
@@ -213,7 +223,7 @@ class ChatProcessor:
                                 "read it as chat markup (an early <|im_end|>, a stray image token): remove it from the labels / texts")
             ents = self._images(rec)
             check_vision_parts(rec, msgs, ents, self.family)
-            messages += msgs; owners += [owner] * len(msgs); images += self._load(rec)
+            messages += msgs; owners += [owner] * len(msgs); msg_ids += [rec['id']] * len(msgs); images += self._load(rec)
             entries += [(rec, k, len(ents), e) for k, e in enumerate(ents)]
         pixel_values = grids = None
         if images:   # a text-only sample has no pixels at all (no dummy image: nothing for labels or positions to account for)
@@ -226,6 +236,7 @@ class ChatProcessor:
         # the text, with each image expanded, and the character range of every segment
         text, ranges = '', []
         for seg in chatml_segments(messages, self.family):
+            if self.check_placeholders and seg.kind == 'text' and seg.message >= 0: _refuse_placeholders(seg, sid, msg_ids[seg.message])
             piece = seg.text
             if seg.kind == 'image':
                 piece = VISION_START + IMAGE_PAD * image_token_count(grids[seg.index].tolist(), self.merge_size) + VISION_END

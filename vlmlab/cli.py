@@ -253,7 +253,7 @@ def convert(input: str, # raw JSON folder or file, LLaVA JSON, or COCO JSON
             *,
             out: str = 'ds_output', # output folder (images/ and {split}.jsonl are written here)
             family: str = None, # model family: qwen2_vl, qwen2_5_vl or qwen3_vl (fixes factor and box space; default: qwen2_5_vl, or the model's)
-            model: str = None, # checkpoint (or tiny-kit/<family>) whose config and image processor give the resize spec
+            model: str = None, # checkpoint (or tiny-kit/<family>) whose config and image processor give the resize spec; its tokenizer's added tokens are refused in texts
             min_pixels: int = None, # fewest pixels of a resized image (default: the family's released value; with --model: the model's)
             max_pixels: int = None, # most pixels of a resized image (default: the family's released value; with --model: the model's)
             split: str = 'train', # split name: writes {split}.jsonl, {split}.rejects.jsonl, {split}.summary.json

@@ -347,16 +347,60 @@ def _turns(conversations: list | None) -> Iterator[tuple[int, str, Any]]:
     for k, m in enumerate(conversations or []):
         if isinstance(m, dict): yield k, str(m.get('role')), m.get('content')
 
+_MASK = '\ue000'   # private-use character: brackets a masked format template while the boxes around it are rescaled
+
+def _is_template(box, role: str) -> bool:
+    "A box-shaped format template in a prompt: `[x1, y1, x2, y2]`, `(x1,y1),(x2,y2)`, `[...]`: no item is a number."
+    return role != 'assistant' and bool(box.items) and all(math.isnan(v) for v in box.values)
+
+def _masked_templates(conversations: list) -> tuple[list, dict[str, str]]:
+    "The conversation with every prompt's format template replaced by a sentinel, and sentinel -> template text."
+    boxes = [b for b in find_answer_boxes(conversations) if b.part and
+             _is_template(b, str(conversations[b.part[0]].get('role')) if isinstance(conversations[b.part[0]], dict) else '')]
+    if not boxes or _MASK in json.dumps(conversations, ensure_ascii=False): return conversations, {}
+    out, restore, edits = json.loads(json.dumps(conversations)), {}, {}
+    for b in boxes:
+        text = _text_at(conversations, b.part)
+        a, e = b.span
+        for start, end in (('<|box_start|>', '<|box_end|>'), ('<|quad_start|>', '<|quad_end|>'), ('<box>', '</box>')):
+            if text[max(0, a - len(start)):a] == start and text[e:e + len(end)] == end: a, e = a - len(start), e + len(end)
+        edits.setdefault(b.part, []).append((a, e))
+    for part, spans in edits.items():
+        text, pieces, at = _text_at(conversations, part), [], 0
+        for a, e in sorted(spans):
+            key = f"{_MASK}{chr(0xE100 + len(restore))}{_MASK}"
+            restore[key] = text[a:e]; pieces += [text[at:a], key]; at = e
+        _set_text(out, part, ''.join(pieces) + text[at:])
+    return out, restore
+
+def _text_at(obj: Any, path: tuple) -> str:
+    for p in path: obj = obj[p]
+    return obj
+
+def _set_text(obj: Any, path: tuple, text: str) -> None:
+    for p in path[:-1]: obj = obj[p]
+    obj[path[-1]] = text
+
+def _unmasked(obj: Any, restore: dict[str, str]) -> Any:
+    "`obj` with every sentinel of `_masked_templates` put back as the template it stood for."
+    if isinstance(obj, str):
+        for k, v in restore.items(): obj = obj.replace(k, v)
+        return obj
+    if isinstance(obj, dict): return {k: _unmasked(v, restore) for k, v in obj.items()}
+    if isinstance(obj, list): return [_unmasked(v, restore) for v in obj]
+    return obj
+
 def _rescaled_turns(conversations: list | None, loaded: list, box_space: str, family: str, src: str) -> list | None:
     "The conversation with every box of every turn (questions too) rescaled into the family's space for the stored image, or `Reject`."
     if conversations is None: return None
-    boxes = find_answer_boxes(conversations)   # parts name the turn: (k, 'content', ...)
+    masked, restore = _masked_templates(conversations)   # "answer as [x1, y1, x2, y2]" in a prompt is a format, not a box
+    boxes = find_answer_boxes(masked)   # parts name the turn: (k, 'content', ...)
     if boxes and len(loaded) != 1:
         k = boxes[0].part[0]
         raise Reject(f"{src} turn {k} ({conversations[k].get('role')}): holds boxes but the sample has {len(loaded)} images: "
                      "which image a box is in is unknown (split it into one-image samples, or remove the boxes)")
     if not boxes: return [dict(m) if isinstance(m, dict) else m for m in conversations]
-    try: return rescale_answer_text(conversations, box_space, family, loaded[0][1], loaded[0][2], src)   # one space for all turns
+    try: return _unmasked(rescale_answer_text(masked, box_space, family, loaded[0][1], loaded[0][2], src), restore)   # one space, all turns
     except AnswerBoxError as e: raise Reject(f"{e} (turn {_turn_of(str(e))})" if _turn_of(str(e)) else str(e)) from None
 
 def _turn_of(msg: str) -> str | None:
@@ -867,7 +911,8 @@ def check_record(rec: Any, # one parsed JSONL record
         _check_image_entry(e, root, recorded, check_images, what)
         if e['image'] in seen: raise Reject(f"{what}: {e['image']} is stored twice in one record")
         seen.add(e['image'])
-    for k, role, content in _turns(rec['conversations']):   # every turn: a question's box is checked like an answer's
+    masked, _ = _masked_templates(rec['conversations'] or [])   # a prompt's format template is no box
+    for k, role, content in _turns(masked):   # every turn: a question's box is checked like an answer's
         if len(images) != 1 and find_answer_boxes(content):
             raise Reject(f"turn {k} ({role}): holds boxes but the record has {len(images)} images (which image is unknown)")
         if len(images) == 1 and (probs := answer_box_problems(content, recorded.family, tuple(images[0]['size']))):

@@ -23,16 +23,16 @@ from PIL import Image
 from scipy.optimize import linear_sum_assignment
 
 from .collators import modality_runs
-from .tokens import BOX_END, BOX_START, IM_END, OBJECT_REF_END, OBJECT_REF_START, mm_token_type_ids
+from .tokens import BOX_END, BOX_START, IM_END, OBJECT_REF_END, OBJECT_REF_START, assert_no_placeholders, mm_token_type_ids
 from .vision import as_image, boxes_from_model, scale_boxes
 
 # %% auto #0
-__all__ = ['EPS', 'box_cxcywh_to_xyxy', 'box_xyxy_to_cxcywh', 'box_area', 'box_iou', 'generalized_box_iou', 'sigmoid_focal_loss',
-           'HungarianMatcher', 'sine_xy_embedding', 'image_token_xy', 'MLP', 'DetectionHead', 'DetectionLossConfig',
-           'num_boxes_global', 'DetectionLoss', 'check_loss_balance', 'GroundingParseError', 'parse_grounding',
-           'grounding_to_pixels', 'evaluate_detections', 'detection_targets', 'lm_loss_terms', 'VLMDetector',
-           'prompt_inputs', 'detect', 'train_detector', 'detector_predictions', 'text_predictions', 'ground_truth',
-           'baseline_predictions']
+__all__ = ['EPS', 'BALANCE_TERMS', 'BALANCE_RATIO', 'box_cxcywh_to_xyxy', 'box_xyxy_to_cxcywh', 'box_area', 'box_iou',
+           'generalized_box_iou', 'sigmoid_focal_loss', 'HungarianMatcher', 'sine_xy_embedding', 'image_token_xy',
+           'MLP', 'DetectionHead', 'DetectionLossConfig', 'num_boxes_global', 'DetectionLoss', 'loss_balance_ratio',
+           'check_loss_balance', 'GroundingParseError', 'parse_grounding', 'grounding_to_pixels', 'evaluate_detections',
+           'detection_targets', 'lm_loss_terms', 'VLMDetector', 'prompt_inputs', 'detect', 'train_detector',
+           'detector_predictions', 'text_predictions', 'ground_truth', 'baseline_predictions']
 
 # %% ../nbs/05_detection.ipynb #05-detection-006
 EPS = 1e-7
@@ -311,16 +311,28 @@ class DetectionLoss(nn.Module):
         return terms
 
 # %% ../nbs/05_detection.ipynb #05-detection-027
-def check_loss_balance(terms: dict, # logged loss terms (floats or tensors)
+BALANCE_TERMS = ('bbox_l1', 'bbox_giou', 'caption')   # the logged terms the balance is read from
+BALANCE_RATIO = 10.0   # weighted caption / weighted box terms above this is flagged
+
+def loss_balance_ratio(terms: dict, # logged loss terms (floats or tensors) holding BALANCE_TERMS
                        config: DetectionLossConfig | None = None, # the weights in use
-                       ratio: float = 10.0, # weighted caption / weighted box terms above this is flagged
-                      ) -> str | None:
-    "A warning when the weighted caption loss dwarfs the weighted box losses, else None."
+                      ) -> float:
+    "Weighted caption term / weighted box terms (inf when the box terms are 0 and the caption term is not)."
     c = config or DetectionLossConfig(); f = lambda k: float(terms[k])
     box = c.detection_bbox_weight * f('bbox_l1') + c.detection_giou_weight * f('bbox_giou')
     cap = c.detection_caption_weight * f('caption')
-    if box > 0 and cap / box > ratio:
-        return (f"caption loss >> bbox loss: weighted caption {cap:.3g} is {cap / box:.1f}x the weighted box terms {box:.3g} "
+    return cap / box if box > 0 else (math.inf if cap > 0 else 0.0)
+
+def check_loss_balance(terms: dict, # logged loss terms (floats or tensors)
+                       config: DetectionLossConfig | None = None, # the weights in use
+                       ratio: float = BALANCE_RATIO, # weighted caption / weighted box terms above this is flagged
+                      ) -> str | None:
+    "A warning when the weighted caption loss dwarfs the weighted box losses, else None."
+    c = config or DetectionLossConfig()
+    box = c.detection_bbox_weight * float(terms['bbox_l1']) + c.detection_giou_weight * float(terms['bbox_giou'])
+    r = loss_balance_ratio(terms, c)
+    if box > 0 and r > ratio:
+        return (f"caption loss >> bbox loss: weighted caption {r * box:.3g} is {r:.1f}x the weighted box terms {box:.3g} "
                 f"(threshold {ratio}); lower detection_caption_weight (now {c.detection_caption_weight})")
     return None
 
@@ -496,18 +508,24 @@ class VLMDetector(nn.Module):
 def prompt_inputs(detector: VLMDetector, # supplies the tokenizer, image processor, family and device
                   image: str | Path | Image.Image, # image file or PIL image (EXIF orientation applied by `as_image`)
                   prompt: str, # the user's question
+                  sample_id: str | None = None, # the record or image the prompt is for (named when it is refused)
                  ) -> dict:
-    "Model inputs for one image and a question, rendered with the generation prompt exactly as in training."
+    "Model inputs for one image and a question, rendered with the generation prompt exactly as in training; unfilled templates refused."
     from vlmlab.tokens import render_chatml, expand_image_pads
-    px = detector.image_processor(images=[as_image(image)], return_tensors='pt')
     msgs = [{'role': 'user', 'content': [{'type': 'image'}, {'type': 'text', 'text': prompt}]}]
-    text = expand_image_pads(render_chatml(msgs, detector.family, add_generation_prompt=True), px['image_grid_thw'],
-                             detector.image_processor.merge_size)
+    rendered = assert_no_placeholders(render_chatml(msgs, detector.family, add_generation_prompt=True),   # before any pixel is read
+                                      sample_id if sample_id is not None else _image_name(image))
+    px = detector.image_processor(images=[as_image(image)], return_tensors='pt')
+    text = expand_image_pads(rendered, px['image_grid_thw'], detector.image_processor.merge_size)
     ids = torch.tensor([detector.tokenizer(text, add_special_tokens=False)['input_ids']])
     dev = next(detector.parameters()).device
     return {'input_ids': ids.to(dev), 'attention_mask': torch.ones_like(ids, dtype=torch.bool).to(dev),
             'mm_token_type_ids': mm_token_type_ids(ids, detector.vlm.config).to(dev),
             'pixel_values': px['pixel_values'].to(dev), 'image_grid_thw': px['image_grid_thw'].to(dev)}
+
+def _image_name(image) -> str:
+    "What to call an image in an error: its path, or the file a PIL image was opened from."
+    return str(image) if isinstance(image, (str, Path)) else (getattr(image, 'filename', '') or 'a PIL image')
 
 @torch.no_grad()
 def detect(detector: VLMDetector, # a trained detector
@@ -515,11 +533,13 @@ def detect(detector: VLMDetector, # a trained detector
            prompt: str = 'Locate every object in the image and output its bounding box and label.', # the question
            threshold: float = 0.3, # minimum objectness score
            max_detections: int = 100, # keep at most this many
+           sample_id: str | None = None, # the record the image belongs to (named in errors; default: the image's file)
           ) -> list[dict]:
     "Boxes (xyxy, pixels of the image as displayed), scores and captions for one image."
+    name = sample_id if sample_id is not None else _image_name(image)
     image = as_image(image)
     detector.eval()
-    batch = prompt_inputs(detector, image, prompt)
+    batch = prompt_inputs(detector, image, prompt, name)
     pred = detector({**batch, 'label_kind': torch.zeros_like(batch['mm_token_type_ids'])})
     dev = batch['input_ids'].device
     scores = pred['pred_logits'][0].sigmoid()
@@ -560,7 +580,7 @@ def detector_predictions(detector: VLMDetector, records: Sequence[dict], ds_root
     from vlmlab.vision import load_image
     out = []
     for r in records:
-        d = detect(detector, load_image(resolve_inside(Path(ds_root), r['image'])), prompt, threshold)
+        d = detect(detector, load_image(resolve_inside(Path(ds_root), r['image'])), prompt, threshold, sample_id=r['id'])
         out.append({'boxes': [x['bbox'] for x in d], 'scores': [x['score'] for x in d], 'labels': [x['caption'] for x in d]})
     return out
 
@@ -577,7 +597,7 @@ def text_predictions(detector: VLMDetector, # a VLMDetector (its VLM generates; 
     detector.eval()
     preds, unparsed = [], 0
     for r in records:
-        batch = prompt_inputs(detector, load_image(resolve_inside(Path(ds_root), r['image'])), prompt)
+        batch = prompt_inputs(detector, load_image(resolve_inside(Path(ds_root), r['image'])), prompt, r['id'])
         gen = detector.vlm.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
         text = detector.tokenizer.decode(gen[0, batch['input_ids'].shape[1]:], skip_special_tokens=False).split(IM_END)[0]
         try: objs = parse_grounding(text, detector.family)

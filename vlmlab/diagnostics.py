@@ -20,7 +20,7 @@ from scipy import stats
 from scipy.ndimage import median_filter
 
 from .data import find_leaks, resolve_inside
-from .vision import load_image
+from .vision import as_image
 
 # %% auto #0
 __all__ = ['FROZEN_BELOW', 'GOLDILOCKS', 'UNSTABLE_ABOVE', 'UPDATE_RATIO_CAUSES', 'EXPLODING_ABOVE', 'GRAD_NORM_CAUSES',
@@ -506,7 +506,7 @@ class ImageFingerprint:
 def image_fingerprint(image: Image.Image | str | Path, # a PIL image or an image file (EXIF orientation applied)
                      ) -> ImageFingerprint:
     "Average hash and thumbnail of an image."
-    img = load_image(image) if isinstance(image, (str, Path)) else image.convert('RGB')
+    img = as_image(image)   # a path or a PIL image, EXIF orientation applied as conversion does
     gray = np.asarray(img.convert('L').resize((8, 8), Image.Resampling.BOX), dtype=float).ravel()
     bits = int(''.join('1' if g > gray.mean() else '0' for g in gray), 2)
     return ImageFingerprint(bits, np.asarray(img.resize((16, 16), Image.Resampling.BOX), dtype=float))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import errno
+import inspect
 import json
 import math
 import os
@@ -34,18 +35,19 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from .chat import ChatError, ChatProcessor, ChatStats
 from .collators import PackedDataCollator, StandardDataCollator, packing_stats, plan_packs
 from .data import read_jsonl, validate, write_atomic
-from .detection import VLMDetector, detection_targets
+from .detection import BALANCE_RATIO, BALANCE_TERMS, VLMDetector, check_loss_balance, detection_targets, loss_balance_ratio
 from .model import (COMPLETE_MARKER, TRAINER_WEIGHTS, CheckpointError, ConfigError, ModelConfig, VLMLabConfig, _write_marker, add_lora,
                           apply_stage, assert_trainable_set, checkpoint_complete, checkpoint_problem, group_parameters, load_model,
                           resolve_model_path, stage_groups, verify_checkpoint)
 from .vision import ResizeSpec
 
 # %% auto #0
-__all__ = ['LOSS_TERMS', 'WEIGHTS_NAME', 'TRAINABLE_NAME', 'RUN_FILES', 'DataError', 'SampleDataset', 'PackDataset',
-           'TrainingCollator', 'prepare_data', 'NonFiniteError', 'PickleRefusedError', 'CheckpointFileMissingError',
-           'RunExistsError', 'TrainingInterrupted', 'last_good_checkpoint', 'load_checkpoint_weights', 'merge_lora',
-           'export_model', 'load_detector', 'ConsoleProgressCallback', 'BBUTrainer', 'training_arguments',
-           'build_trainer', 'run_files', 'remove_run', 'train_from_config']
+__all__ = ['LOSS_TERMS', 'WEIGHTS_NAME', 'TRAINABLE_NAME', 'TESTED_TRANSFORMERS', 'TRAINER_HOOKS', 'TRAINER_ATTRIBUTES',
+           'STEP_HOOKS', 'RUN_FILES', 'DataError', 'SampleDataset', 'PackDataset', 'TrainingCollator', 'prepare_data',
+           'NonFiniteError', 'PickleRefusedError', 'CheckpointFileMissingError', 'RunExistsError',
+           'TrainingInterrupted', 'last_good_checkpoint', 'load_checkpoint_weights', 'merge_lora', 'export_model',
+           'load_detector', 'TrainerHookError', 'check_trainer_hooks', 'ConsoleProgressCallback', 'BBUTrainer',
+           'training_arguments', 'build_trainer', 'run_files', 'remove_run', 'train_from_config']
 
 # %% ../nbs/07_trainer.ipynb #07-trainer-005
 LOSS_TERMS = ('loss', 'lm_loss', 'teacher_lm_loss', 'student_lm_loss', 'detection_loss', 'bbox_l1', 'bbox_giou', 'objectness', 'caption')
@@ -265,6 +267,59 @@ def _total_norm(tensors: list) -> torch.Tensor | None:
     n = torch.nn.utils.get_total_norm(tensors)
     return n.full_tensor() if hasattr(n, 'full_tensor') else n
 
+# %% ../nbs/07_trainer.ipynb #07-trainer-009b
+TESTED_TRANSFORMERS = '>=5.23,<5.24'   # the transformers releases BBUTrainer's hooks were checked against (settings.ini requires it)
+
+class TrainerHookError(RuntimeError):
+    "The installed transformers lacks, changed, or stopped calling a Trainer hook that a BBUTrainer guard runs in."
+
+TRAINER_HOOKS = {   # Trainer methods BBUTrainer overrides or calls: their parameters after self, and what of vlmlab's runs there
+    '_clip_grad_norm': (('model',), 'the trainable-set check, per-group gradient norms and the NaN stop, every optimizer step'),
+    '_get_grad_norm': (('model', 'grad_norm'), 'the same guards when clipping is off, every optimizer step'),
+    '_save': (('output_dir', 'state_dict'), "the checkpoint's safetensors weights"),
+    '_save_checkpoint': (('model', 'trial'), "the checkpoint's trainable-set record and hashed completion marker"),
+    '_get_output_dir': (('trial',), 'the folder a checkpoint is written to'),
+    '_load_from_checkpoint': (('resume_from_checkpoint', 'model'), 'the sha256 and trainable-set checks on resume'),
+    '_load_optimizer_and_scheduler': (('checkpoint',), 'the weights-only check of optimizer.pt / scheduler.pt on resume'),
+    '_load_rng_state': (('checkpoint',), 'the weights-only check of rng_state*.pth on resume'),
+    '_load_scaler': (('checkpoint',), 'the weights-only check of scaler.pt on resume'),
+    '_prepare_inputs': (('inputs',), 'an evaluation batch moved to the device'),
+    'get_batch_samples': (('epoch_iterator', 'num_batches', 'device'), "the accumulation window's box count (detection normalizer)"),
+    'compute_loss': (('model', 'inputs', 'return_outputs', 'num_items_in_batch'), 'every loss term, exact accumulation, the NaN stop'),
+    'log': (('logs', 'start_time'), 'the loss terms, norms, data counters and loss balance in the logs'),
+    'prediction_step': (('model', 'inputs', 'prediction_loss_only', 'ignore_keys'), 'the evaluation loss'),
+    'create_optimizer': (('model',), 'per-group learning rates'),
+    'get_optimizer_cls_and_kwargs': (('args', 'model'), 'the optimizer that args.optim names'),
+}
+TRAINER_ATTRIBUTES = {   # set by Trainer.__init__ and overridden by BBUTrainer: a renamed one would make the override a no-op
+    'model_accepts_loss_kwargs': 'num_items_in_batch reaching compute_loss (exact gradient accumulation)',
+    '_loss_shifts_labels': 'num_items_in_batch counted over labels[..., 1:], the positions the LM loss predicts',
+}
+STEP_HOOKS = ('_clip_grad_norm', '_get_grad_norm')   # the Trainer calls at least one of them before every optimizer step
+
+def _hook_error(what: str) -> TrainerHookError:
+    "The one-line error for a hook problem, with the installed and the tested transformers."
+    import transformers
+    return TrainerHookError(f"transformers {transformers.__version__}: {what}. vlmlab's BBUTrainer is tested with transformers"
+                            f"{TESTED_TRANSFORMERS}: install that (pip install 'transformers{TESTED_TRANSFORMERS}')")
+
+def _params(fn) -> tuple[str, ...]:
+    "Parameter names of a Trainer method, without self."
+    names = tuple(inspect.signature(fn).parameters)
+    return names[1:] if names[:1] == ('self',) else names
+
+def check_trainer_hooks(base: type = Trainer, # the class BBUTrainer builds on (the installed transformers.Trainer)
+                       ) -> list[str]:
+    "The names of TRAINER_HOOKS, after checking that each exists on `base` with the parameters BBUTrainer uses; else TrainerHookError."
+    for name, (params, role) in TRAINER_HOOKS.items():
+        fn = getattr(base, name, None)
+        if not callable(fn):
+            raise _hook_error(f"{base.__name__}.{name} does not exist (renamed or removed), so {role} would never run")
+        if (have := _params(fn)) != params:
+            raise _hook_error(f"{base.__name__}.{name} takes ({', '.join(have)}) where BBUTrainer's use of it takes ({', '.join(params)}), "
+                              f"so {role} may not run or may break")
+    return list(TRAINER_HOOKS)
+
 # %% ../nbs/07_trainer.ipynb #07-trainer-010
 def _fmt(v: float) -> str:
     return f"{v:.3g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.1e}"
@@ -313,6 +368,21 @@ class _StopCallback(TrainerCallback):
         if stop and state.global_step < state.max_steps:
             control.should_save, control.should_training_stop, t._stopped_at = True, True, state.global_step
 
+class _HookCallback(TrainerCallback):
+    "Fail fast when the Trainer skipped a hook this step or save (a flag each override sets; nothing is recomputed)."
+    def __init__(self, trainer): self.trainer = trainer
+    def on_step_begin(self, args, state, control, **kwargs):
+        t = self.trainer
+        if t._resume_from is not None and t._loaded_from is None and not t.is_deepspeed_enabled:
+            raise _hook_error(f"Trainer.train(resume_from_checkpoint={t._resume_from!r}) did not call BBUTrainer._load_from_checkpoint, "
+                              f"so {TRAINER_HOOKS['_load_from_checkpoint'][1]} did not run and the weights were not loaded by vlmlab")
+    def on_pre_optimizer_step(self, args, state, control, **kwargs): self.trainer._check_step_hooks(state.global_step)
+    def on_step_end(self, args, state, control, **kwargs): self.trainer._check_step_hooks(state.global_step - 1)
+    def on_save(self, args, state, control, **kwargs):
+        if self.trainer._checkpoint_step != state.global_step:
+            raise _hook_error(f"the Trainer saved step {state.global_step} without calling BBUTrainer._save_checkpoint, so "
+                              f"{TRAINER_HOOKS['_save_checkpoint'][1]} were not written: resume would not find the checkpoint")
+
 class BBUTrainer(Trainer):
     "A transformers Trainer for Qwen-VL models: split LM loss, detection terms, exact accumulation, diagnostics, fail-fast."
     def __init__(self, model: VLMDetector, # the model (with or without a detection head) with its stage applied
@@ -326,7 +396,11 @@ class BBUTrainer(Trainer):
             warnings.warn("fp16 on Qwen-VL models overflows (vision-tower and attention activations pass 65504) and gives "
                           "NaN losses; use bf16 (model.dtype: bfloat16) on GPUs that have it, or float32", stacklevel=2)
         stage_groups(stage)
+        check_trainer_hooks()   # before anything loads: a transformers release without our hooks fails here, naming the hook
         super().__init__(model=model, args=args, **kwargs)
+        if (gone := [a for a in TRAINER_ATTRIBUTES if a not in vars(self)]):
+            raise _hook_error(f"Trainer.__init__ no longer sets {gone} (renamed?): BBUTrainer's override would change nothing, and "
+                              + '; '.join(TRAINER_ATTRIBUTES[a] for a in gone) + ' would be lost')
         self.model_accepts_loss_kwargs, self._loss_shifts_labels = True, True   # the LM loss is divided by num_items_in_batch
         self.stage, self.processor = stage, processor
         self.lrs = lrs or {g: args.learning_rate for g in ('vision', 'merger', 'llm', 'adapter', 'head')}
@@ -334,7 +408,8 @@ class BBUTrainer(Trainer):
         self._steps_in_window, self._window_start, self._norm_logs = 0, None, {}
         self._window_boxes, self._trainable_checked, self._pre_step_done, self.last_good_step, self._trainable = None, False, -1, 0, {}
         self._snapshot, self._stop_signal, self._stopped_at, self._verified_checkpoint = None, None, None, None
-        self.add_callback(_StepRatioCallback(self)); self.add_callback(_StopCallback(self))
+        self._checkpoint_step, self._resume_from, self._loaded_from, self._items_checked, self._balance = None, None, None, False, None
+        self.add_callback(_StepRatioCallback(self)); self.add_callback(_StopCallback(self)); self.add_callback(_HookCallback(self))
         if self.processor is not None: self.add_callback(_EpochCallback(self))
         if any(isinstance(c, ProgressCallback) for c in self.callback_handler.callbacks):
             self.callback_handler.remove_callback(ProgressCallback); self.add_callback(ConsoleProgressCallback)
@@ -355,6 +430,13 @@ class BBUTrainer(Trainer):
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         "The Trainer's window of micro-batches, plus its target-box count over all processes (the detection normalizer)."
         batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if not self._items_checked and batches and 'labels' in batches[0]:   # once: the divisor the LM loss needs reaches the loss
+            self._items_checked = True
+            want = sum(int((b['labels'][..., 1:] != -100).sum()) for b in batches)
+            if num_items is None or (self.accelerator.num_processes == 1 and int(num_items) != want):
+                raise _hook_error(f"Trainer.get_batch_samples counted num_items_in_batch = {None if num_items is None else int(num_items)}, "
+                                  f"not the {want} label tokens the LM loss predicts in this window, so "
+                                  + TRAINER_ATTRIBUTES['_loss_shifts_labels' if num_items is not None else 'model_accepts_loss_kwargs'] + ' is broken')
         if batches and 'detection_targets' in batches[0]:
             n = torch.tensor([float(sum(len(t['boxes']) for b in batches for t in b['detection_targets']))], device=device)
             self._window_boxes = self.accelerator.gather(n).sum() if self.accelerator.num_processes > 1 else n[0]
@@ -432,6 +514,12 @@ class BBUTrainer(Trainer):
         self._before_optimizer_step(model)
         return super()._get_grad_norm(model, grad_norm)
 
+    def _check_step_hooks(self, step: int) -> None:
+        "TrainerHookError unless `_before_optimizer_step` ran for optimizer step `step` (0-based), through one of STEP_HOOKS."
+        if self._pre_step_done != step:
+            raise _hook_error(f"optimizer step {step + 1} ran without the Trainer calling BBUTrainer.{' or .'.join(STEP_HOOKS)}, so "
+                              f"{TRAINER_HOOKS['_clip_grad_norm'][1].replace(', every optimizer step', '')} did not run")
+
     # ---- diagnoses
     def _where(self) -> str:
         ck = last_good_checkpoint(self.args.output_dir)
@@ -480,7 +568,22 @@ class BBUTrainer(Trainer):
                     st = ChatStats(*(int(x) for x in t.tolist()))
                 logs.update({f'data/{k}': v for k, v in st.summary().items()})
             self._acc, self._tokens, self._steps_in_window, self._norm_logs, self._window_start = None, 0.0, 0, {}, now
+            if self._balance is None and (b := self.loss_balance(logs)) is not None:   # the first log with the detection terms
+                self._balance = b
+                if b['step'] == self.state.global_step: logs['loss_balance'] = b['warning'] or 'ok'   # (a resumed run logged it before)
+                if b['warning'] and self.args.process_index == 0: warnings.warn(f"step {b['step']}: {b['warning']}")
         super().log(logs, start_time)
+
+    def loss_balance(self, logs: dict | None = None, # a log being written (used when the history holds no detection terms yet)
+                    ) -> dict | None:
+        "The `check_loss_balance` verdict of the run's first log with detection terms (a resumed run's from its history), or None."
+        first = next((h for h in [*self.state.log_history, logs or {}] if all(k in h for k in BALANCE_TERMS)), None)
+        head = getattr(self.accelerator.unwrap_model(self.model), 'criterion', None)
+        if first is None or head is None: return None
+        cfg, warning = head.cfg, check_loss_balance(first, head.cfg)
+        return {'step': first.get('step', self.state.global_step), 'ok': warning is None, 'warning': warning,
+                'ratio': loss_balance_ratio(first, cfg), 'threshold': BALANCE_RATIO, **{k: float(first[k]) for k in BALANCE_TERMS},
+                'weights': {k: getattr(cfg, f'detection_{k.removeprefix("bbox_")}_weight') for k in ('bbox', 'giou', 'caption')}}
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         "Evaluation loss through `compute_loss` (the model takes the whole batch, not keyword inputs)."
@@ -508,19 +611,24 @@ class BBUTrainer(Trainer):
 
     def _save_checkpoint(self, model, trial) -> None:
         "The Trainer's checkpoint, then what trained and the hashed completion marker; a failed write is a CheckpointError naming the folder."
+        self._checkpoint_step = self.state.global_step   # _HookCallback.on_save checks that the Trainer came through here
         folder = Path(self._get_output_dir(trial)) / f'checkpoint-{self.state.global_step}'
         if self.args.should_save and (folder / COMPLETE_MARKER).exists(): (folder / COMPLETE_MARKER).unlink()   # a stale folder of that step
         try:
             super()._save_checkpoint(model, trial)
             self.accelerator.wait_for_everyone()   # every process has written its RNG state
+            if self.args.should_save and not (folder / WEIGHTS_NAME).is_file() and not self.is_deepspeed_enabled:
+                raise _hook_error(f"Trainer._save_checkpoint wrote {folder} without calling BBUTrainer._save, so "
+                                  f"{TRAINER_HOOKS['_save'][1]} ({WEIGHTS_NAME}) are missing")
             if self.args.should_save:
                 write_atomic(folder / TRAINABLE_NAME, json.dumps(self._trainable_signature(), indent=1).encode())
                 _write_marker(folder, self.state.global_step)
+        except TrainerHookError: raise
         except Exception as e:
             raise _save_error(folder, e, last_good_checkpoint(self.args.output_dir)) from e
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
-        folder = Path(resume_from_checkpoint)
+        folder = self._loaded_from = Path(resume_from_checkpoint)
         if str(folder) != self._verified_checkpoint: verify_checkpoint(folder, require_marker=True)   # train_from_config verified it
         sig = folder / TRAINABLE_NAME
         if sig.is_file():
@@ -555,6 +663,7 @@ class BBUTrainer(Trainer):
     def train(self, *args, **kwargs):
         "Trainer.train; SIGINT / SIGTERM stop it after the current optimizer step with a complete checkpoint (TrainingInterrupted)."
         self._stop_signal, self._stopped_at, self._old_handlers = None, None, {}
+        self._resume_from, self._loaded_from = kwargs.get('resume_from_checkpoint', args[0] if args else None) or None, None
         if threading.current_thread() is threading.main_thread():
             for s in (signal.SIGINT, signal.SIGTERM): self._old_handlers[s] = signal.signal(s, self._on_signal)
         try: result = super().train(*args, **kwargs)
@@ -649,6 +758,7 @@ def build_trainer(cfg: VLMLabConfig, # the run's config
     from transformers.integrations import TensorBoardCallback
     from torch.utils.tensorboard import SummaryWriter
     cfg.check()   # again: command-line overrides (--max-steps ...) are set after loading
+    check_trainer_hooks()   # before the model loads: an untested transformers without BBUTrainer's hooks costs nothing
     out = Path(overrides.get('output_dir', cfg.training.output_dir))
     _ensure_writable(out)
     args = training_arguments(cfg, disable_tqdm=not progress, **overrides)   # first: it sets up the process group (torchrun)
@@ -737,6 +847,7 @@ def train_from_config(cfg: VLMLabConfig, # the run's config
     metrics = {'train': result.metrics, 'resumed_from': ckpt, 'log_history': trainer.state.log_history, 'config': cfg.to_dict(),
                'final_model': str(out / 'final'), 'tensorboard': str(out / 'tensorboard')}
     if isinstance(trainer.train_dataset, PackDataset): metrics['packing'] = trainer.train_dataset.stats
+    if (balance := trainer.loss_balance()) is not None: metrics['loss_balance'] = balance   # the first logged step's verdict
     if trainer.eval_dataset is not None: metrics['eval'] = trainer.evaluate()
     if trainer.args.process_index == 0: write_atomic(out / 'metrics.json', json.dumps(metrics, indent=1, default=str).encode())
     return metrics

@@ -670,3 +670,22 @@ def test_zero_inputs_refused_before_writing(tmp_path):
     with pytest.raises(ValueError, match='no annotation inputs'):
         convert(tmp_path / 'empty', tmp_path / 'fresh', SPEC, progress=False)
     assert not (tmp_path / 'fresh').exists()
+
+
+@case('a prompt that spells the answer format: "answer as {"bbox_2d": [x1, y1, x2, y2]}", "<|box_start|>(x1,y1),(x2,y2)..." '
+      'next to a real box', 'the template is no box: kept byte for byte, the real box rescaled; validate passes', group=READ)
+def test_prompt_format_templates_are_not_boxes(tmp_path):
+    box = scene(tmp_path / 'a.png', size=(1800, 1200), box=(600, 300, 1200, 900))
+    prompt = 'Answer as [{"bbox_2d": [x1, y1, x2, y2], "label": "..."}] for the object at {"bbox": %s}.' % box
+    items = [{'id': 'a', 'image': 'a.png', 'conversations': _turns(f'<image>\n{prompt}', json.dumps([{'bbox_2d': box, 'label': 'red square'}]))},
+             {'id': 'only', 'image': 'a.png', 'conversations': _turns('<image>\nFormat: {"bbox": [xmin, ymin, xmax, ymax]}', 'A square.')}]
+    (tmp_path / 'l.json').write_text(json.dumps(items))
+    out = tmp_path / 'out'
+    s = convert(tmp_path / 'l.json', out, SPEC, progress=False)
+    assert s.written == 2, _rejects(out)
+    recs = {r['id']: r for r in _records(out)}
+    text = recs['a']['conversations'][0]['content'][1]['text']
+    stored = json.loads(recs['a']['conversations'][1]['content'])[0]['bbox_2d']
+    assert text == prompt.replace(str(box), str(stored)) and stored != box, (text, stored)
+    assert recs['only']['conversations'][0]['content'][1]['text'] == 'Format: {"bbox": [xmin, ymin, xmax, ymax]}'
+    assert validate(out, SPEC, progress=False).ok
