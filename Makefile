@@ -36,7 +36,7 @@ $(VENV)/.dev: $(VENV)/.runtime
 	@touch $@
 
 demo: $(VENV)/.runtime
-	$(BIN)/vlmlab demo
+	$(BIN)/vlmlab demo --results nbs/demo_results.json
 
 # The notebooks are the source: exporting and cleaning them must change nothing.
 sync-check: $(VENV)/.dev

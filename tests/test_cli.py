@@ -76,9 +76,9 @@ def test_demo_pipeline_writes_every_artifact(vlmlab_bin, tmp_path):
     r = subprocess.run([vlmlab_bin, 'demo', '--out', str(tmp_path / 'runs'), '--align-steps', '3', '--grounding-steps', '3',
                         '--n-train', '16', '--n-heldout', '4', '--quiet'], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert r.returncode == 1, r.stdout + r.stderr
-    assert 'does not pass the connector ablation' in r.stdout and 'FAIL: correct image loss' in r.stdout
+    assert 'vlmlab demo: FAILED: align connector ablation' in r.stdout and 'FAIL: correct image loss' in r.stdout
     out = tmp_path / 'runs' / 'demo'
-    for run in ('align', 'grounding'):
+    for run in ('language', 'align', 'grounding'):
         for f in ('metrics.json', 'ablation.json', 'config.yaml', 'final/config.json', 'report/index.html'):
             assert (out / run / f).is_file(), (run, f)
         assert any((out / run / 'tensorboard').iterdir())

@@ -178,7 +178,7 @@ def run_demo(out_dir: str | Path = 'runs/demo', # where everything is written
               f"{cfg.training.max_steps} steps) -> {cfg.training.output_dir}", flush=True)
         Path(cfg.training.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.training.output_dir) / 'config.yaml').write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        m = train_from_config(cfg, progress=progress)
+        m = train_from_config(cfg, progress=progress, overwrite=True)   # the demo owns its run folders: a re-run replaces them
         lm, groups = [h['lm_loss'] for h in m['log_history'] if 'lm_loss' in h], trained_groups(m['log_history'])
         abl = _ablate(m['final_model'], out / 'ds_output', cfg.data.target, Path(cfg.training.output_dir) / 'ablation.json',
                       n_heldout, progress)

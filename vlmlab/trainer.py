@@ -42,12 +42,12 @@ from .model import (COMPLETE_MARKER, TRAINER_WEIGHTS, CheckpointError, ConfigErr
 from .vision import ResizeSpec
 
 # %% auto #0
-__all__ = ['LOSS_TERMS', 'WEIGHTS_NAME', 'TRAINABLE_NAME', 'TESTED_TRANSFORMERS', 'TRAINER_HOOKS', 'TRAINER_ATTRIBUTES',
-           'STEP_HOOKS', 'RUN_FILES', 'DataError', 'SampleDataset', 'PackDataset', 'TrainingCollator', 'prepare_data',
-           'NonFiniteError', 'PickleRefusedError', 'CheckpointFileMissingError', 'RunExistsError',
-           'TrainingInterrupted', 'last_good_checkpoint', 'load_checkpoint_weights', 'merge_lora', 'export_model',
-           'load_detector', 'TrainerHookError', 'check_trainer_hooks', 'ConsoleProgressCallback', 'BBUTrainer',
-           'training_arguments', 'build_trainer', 'run_files', 'remove_run', 'train_from_config']
+__all__ = ['LOSS_TERMS', 'WEIGHTS_NAME', 'TRAINABLE_NAME', 'TESTED_TRANSFORMERS', 'STEP_GUARDS', 'TRAINER_HOOKS',
+           'TRAINER_ATTRIBUTES', 'STEP_HOOKS', 'RUN_FILES', 'DataError', 'SampleDataset', 'PackDataset',
+           'TrainingCollator', 'prepare_data', 'NonFiniteError', 'PickleRefusedError', 'CheckpointFileMissingError',
+           'RunExistsError', 'TrainingInterrupted', 'last_good_checkpoint', 'load_checkpoint_weights', 'merge_lora',
+           'export_model', 'load_detector', 'TrainerHookError', 'check_trainer_hooks', 'ConsoleProgressCallback',
+           'BBUTrainer', 'training_arguments', 'build_trainer', 'run_files', 'remove_run', 'train_from_config']
 
 # %% ../nbs/07_trainer.ipynb #07-trainer-005
 LOSS_TERMS = ('loss', 'lm_loss', 'teacher_lm_loss', 'student_lm_loss', 'detection_loss', 'bbox_l1', 'bbox_giou', 'objectness', 'caption')
@@ -136,8 +136,10 @@ def prepare_data(cfg: VLMLabConfig, # the run's config
         return [rec for _, rec, _ in read_jsonl(f)]
     train = records(d.train_split)
     if not train: raise DataError(f"{root / (d.train_split + '.jsonl')} holds no records")
+    placeholders = getattr(d, 'check_placeholders', True)   # refuse unfilled templates (a config key `data.check_placeholders` turns it off)
     proc = ChatProcessor(model.tokenizer, model.image_processor, model.family, root, d.max_length, d.target,
-                         teacher_ratio=d.teacher_ratio, n_teachers=d.n_teachers, teacher_pool=train, seed=cfg.training.seed)
+                         teacher_ratio=d.teacher_ratio, n_teachers=d.n_teachers, teacher_pool=train, seed=cfg.training.seed,
+                         check_placeholders=placeholders)
     lengths, bad = [], []
     for r in tqdm(train, desc='pre-flight', unit='sample', disable=not progress):
         try: lengths.append(len(proc(r, 0)))
@@ -153,7 +155,8 @@ def prepare_data(cfg: VLMLabConfig, # the run's config
     ds = PackDataset(train, proc, lengths, d.max_tokens) if d.packing else SampleDataset(train, proc)
     ev = None
     if d.eval_split:
-        eproc = ChatProcessor(model.tokenizer, model.image_processor, model.family, root, d.max_length, d.target)
+        eproc = ChatProcessor(model.tokenizer, model.image_processor, model.family, root, d.max_length, d.target,
+                              check_placeholders=placeholders)
         ev = SampleDataset(records(d.eval_split), eproc)
     return ds, ev, proc
 
@@ -273,9 +276,11 @@ TESTED_TRANSFORMERS = '>=5.23,<5.24'   # the transformers releases BBUTrainer's 
 class TrainerHookError(RuntimeError):
     "The installed transformers lacks, changed, or stopped calling a Trainer hook that a BBUTrainer guard runs in."
 
+STEP_GUARDS = 'the trainable-set check, the per-group gradient norms and the NaN stop'   # what runs before every optimizer step
+
 TRAINER_HOOKS = {   # Trainer methods BBUTrainer overrides or calls: their parameters after self, and what of vlmlab's runs there
-    '_clip_grad_norm': (('model',), 'the trainable-set check, per-group gradient norms and the NaN stop, every optimizer step'),
-    '_get_grad_norm': (('model', 'grad_norm'), 'the same guards when clipping is off, every optimizer step'),
+    '_clip_grad_norm': (('model',), f'{STEP_GUARDS} (every optimizer step, clipping on)'),
+    '_get_grad_norm': (('model', 'grad_norm'), f'{STEP_GUARDS} (every optimizer step, clipping off)'),
     '_save': (('output_dir', 'state_dict'), "the checkpoint's safetensors weights"),
     '_save_checkpoint': (('model', 'trial'), "the checkpoint's trainable-set record and hashed completion marker"),
     '_get_output_dir': (('trial',), 'the folder a checkpoint is written to'),
@@ -518,7 +523,7 @@ class BBUTrainer(Trainer):
         "TrainerHookError unless `_before_optimizer_step` ran for optimizer step `step` (0-based), through one of STEP_HOOKS."
         if self._pre_step_done != step:
             raise _hook_error(f"optimizer step {step + 1} ran without the Trainer calling BBUTrainer.{' or .'.join(STEP_HOOKS)}, so "
-                              f"{TRAINER_HOOKS['_clip_grad_norm'][1].replace(', every optimizer step', '')} did not run")
+                              f"{STEP_GUARDS} did not run")
 
     # ---- diagnoses
     def _where(self) -> str:
@@ -583,7 +588,7 @@ class BBUTrainer(Trainer):
         cfg, warning = head.cfg, check_loss_balance(first, head.cfg)
         return {'step': first.get('step', self.state.global_step), 'ok': warning is None, 'warning': warning,
                 'ratio': loss_balance_ratio(first, cfg), 'threshold': BALANCE_RATIO, **{k: float(first[k]) for k in BALANCE_TERMS},
-                'weights': {k: getattr(cfg, f'detection_{k.removeprefix("bbox_")}_weight') for k in ('bbox', 'giou', 'caption')}}
+                'weights': {k: getattr(cfg, f'detection_{k}_weight') for k in ('bbox', 'giou', 'caption')}}
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         "Evaluation loss through `compute_loss` (the model takes the whole batch, not keyword inputs)."
