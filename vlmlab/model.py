@@ -162,6 +162,7 @@ class DataConfig:
     max_tokens: int = 4096                  # row capacity when packing
     teacher_ratio: float = 0.0              # probability of teacher demonstrations
     n_teachers: int = 1                     # demonstrations per sample
+    check_placeholders: bool = True         # refuse text with an unfilled template placeholder ({label}, <image>, ...)
 
 @dataclass
 class StageConfig:

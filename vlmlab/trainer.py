@@ -11,7 +11,7 @@ import inspect
 import json
 import math
 import os
-import pickle
+from pickle import UnpicklingError   # the exception class only: nothing here unpickles
 import re
 import signal
 import sys
@@ -136,7 +136,7 @@ def prepare_data(cfg: VLMLabConfig, # the run's config
         return [rec for _, rec, _ in read_jsonl(f)]
     train = records(d.train_split)
     if not train: raise DataError(f"{root / (d.train_split + '.jsonl')} holds no records")
-    placeholders = getattr(d, 'check_placeholders', True)   # refuse unfilled templates (a config key `data.check_placeholders` turns it off)
+    placeholders = d.check_placeholders   # refuse unfilled templates (`data.check_placeholders: false` turns it off)
     proc = ChatProcessor(model.tokenizer, model.image_processor, model.family, root, d.max_length, d.target,
                          teacher_ratio=d.teacher_ratio, n_teachers=d.n_teachers, teacher_pool=train, seed=cfg.training.seed,
                          check_placeholders=placeholders)
@@ -167,7 +167,7 @@ class NonFiniteError(FloatingPointError):
 WEIGHTS_NAME = TRAINER_WEIGHTS   # vlmlab_model.safetensors: the module's own state dict in checkpoint-N/
 TRAINABLE_NAME = 'vlmlab_trainable.json'   # what trained in the run that wrote a checkpoint (checked on resume)
 
-class PickleRefusedError(CheckpointError, pickle.UnpicklingError):
+class PickleRefusedError(CheckpointError, UnpicklingError):
     "A checkpoint file that torch.load(weights_only=True) refuses: a pickle that would run code, not tensors."
 
 class CheckpointFileMissingError(CheckpointError, FileNotFoundError):
@@ -722,7 +722,7 @@ def _load_error(checkpoint, names: tuple, e: Exception) -> Exception:
         try: torch.load(f, map_location='cpu', weights_only=True)
         except Exception as ex:
             why = str(ex).strip().splitlines()[0][:160]
-            if isinstance(ex, pickle.UnpicklingError) or 'weights_only' in str(ex).lower() or 'Weights only' in str(ex):
+            if isinstance(ex, UnpicklingError) or 'weights_only' in str(ex).lower() or 'Weights only' in str(ex):
                 return PickleRefusedError(f"{f}: refused by torch.load(weights_only=True): not a weights-only checkpoint file (a pickle "
                                        f"that would run code: {why}); use a checkpoint vlmlab wrote, or retrain")
             return CheckpointError(f"{f}: cannot be read ({why})")
