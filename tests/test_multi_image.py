@@ -1,6 +1,7 @@
 """Several images per sample and text-only samples mixed with image samples: labels, mRoPE positions, the image-token guard,
 pixels in token order, packed == solo == padded, batches without any image, and the refusals of what cannot work."""
 import json
+import re
 import unicodedata
 
 import pytest
@@ -354,3 +355,50 @@ def test_padding_and_boundaries_carry_no_labels(world):
     assert bool((packed['labels'][0, cu[:-1]] == -100).all()) and bool((packed['labels'][0, cu[len(ss)]:] == -100).all())
     kept = packed['labels'][0, :cu[len(ss)]] != -100
     assert int(kept.sum()) == sum(int((s.labels[1:] != -100).sum()) for s in ss)   # first tokens of samples are never labels anyway
+
+
+# ---- a one-image record with empty objects but boxes in its answers never trains the answer '[]' / 'nothing'
+
+def unlabelled_llava(d, img):
+    "A LLaVA file: answer boxes without labels (conversion leaves objects empty), a labelled answer, a box only in the question."
+    turn = lambda q, a: [{'from': 'human', 'value': q}, {'from': 'gpt', 'value': a}]
+    return [{'id': 'unlabelled', 'image': img, 'conversations': turn('<image>\nWhere are the shapes?', '[{"bbox_2d": [10, 12, 60, 70]}]')},
+            {'id': 'labelled', 'image': img, 'conversations': turn('<image>\nWhere are the shapes?',
+                                                                 '[{"bbox_2d": [10, 12, 60, 70], "label": "red square"}]')},
+            {'id': 'asked', 'image': img, 'conversations': turn('<image>\nWhat is in [10, 12, 60, 70]? {"bbox_2d": [10, 12, 60, 70]}',
+                                                              'a red square')}]
+
+
+@pytest.mark.parametrize('family', VLM_FAMILIES)
+def test_empty_objects_with_answer_boxes_are_refused_for_box_and_caption_targets(world, family, tmp_path):
+    w = world[family]
+    raw = w['root'].parent / 'raw'
+    img = sorted(p.name for p in raw.iterdir() if p.suffix != '.json')[0]
+    (tmp_path / 'in.json').write_text(json.dumps(unlabelled_llava(tmp_path, img)))
+    s = convert(tmp_path / 'in.json', tmp_path / 'ds', w['spec'], image_root=raw, progress=False)
+    assert s.written == 3 and not s.rejected, s
+    recs = {r['id']: r for _, r, _ in read_jsonl(tmp_path / 'ds' / 'train.jsonl')}
+    bad = recs['unlabelled']
+    assert bad['objects'] == [] and any(n.startswith('answer boxes without a label') for n in bad.get('notes', []))
+    for target in ('grounding', 'caption'):
+        proc = ChatProcessor(w['tok'], w['ip'], family, tmp_path / 'ds', target=target)
+        empty = "None" if (target, family) == ('grounding', 'qwen2_vl') else '[]' if target == 'grounding' else 'nothing'
+        with pytest.raises(ChatError, match=rf"sample 'unlabelled': target '{target}' would train the answer '{re.escape(empty)}'.*1 box\(es\)"
+                                            r".*conversion noted: answer boxes without a label.*label every box.*target 'conversation'"):
+            proc(bad)
+        assert not proc.usable(bad) and proc.usable(recs['labelled']) and proc.usable(recs['asked'])
+        lab = proc(recs['labelled'])   # the labelled answer trains its object; a box asked about is no object
+        assert 'red square' in w['tok'].decode(lab.input_ids[slice(*lab.spans['student'][0])])
+        assert proc(recs['asked']).n_label_tokens > 0
+        # the same record without the conversion's note is refused all the same: the boxes are read from the answers
+        with pytest.raises(ChatError, match="sample 'unlabelled'.*would train the answer"):
+            proc({k: v for k, v in bad.items() if k != 'notes'})
+        # teacher draws skip it: a grounding teacher must show its objects, not '[]' over an image with boxes
+        teach = ChatProcessor(w['tok'], w['ip'], family, tmp_path / 'ds', target=target, teacher_ratio=1.0,
+                              teacher_pool=list(recs.values()), n_teachers=3)
+        drawn = {t['id'] for e in range(6) for t in teach.teachers_for(recs['labelled'], e)}
+        assert drawn == {'asked'}, drawn
+        assert teach(recs['labelled']).spans['teacher']
+    conv = ChatProcessor(w['tok'], w['ip'], family, tmp_path / 'ds', target='conversation')
+    s = conv(bad)   # its own answer, boxes and all, is a fine conversation target
+    assert 'bbox_2d' in w['tok'].decode(s.input_ids[slice(*s.spans['student'][0])])

@@ -239,3 +239,121 @@ def test_eval_loader_refuses_a_corrupted_export(work, tmp_path):
     data = bytearray(f.read_bytes()); data[-64:] = bytes(64)   # same size, different bytes
     f.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=f.name): load_eval_model(final)
+
+
+# ---- the ablation's skipped items, written by `vlmlab ablate`, read back and shown on the page
+
+@pytest.fixture
+def mixed_heldout(tmp_path):
+    "A ds_output whose held-out split mixes 4 one-image items, 2 text-only and 1 two-image item; a run folder with a minimal log."
+    spec = ResizeSpec.from_pretrained(tiny_kit('qwen2_5_vl'))
+    make_shapes(tmp_path / 'raw', n=4, seed=2, old_format=0, exif_rotated=0, size_range=(112, 160), max_objects=2)
+    imgs = sorted(p.name for p in (tmp_path / 'raw').iterdir() if p.suffix != '.json')
+    turn = lambda q, a: [{'from': 'human', 'value': q}, {'from': 'gpt', 'value': a}]
+    items = ([{'id': f'one-{k}', 'image': im, 'conversations': turn('<image>\nDescribe the image.', 'Coloured shapes.')} for k, im in enumerate(imgs)]
+             + [{'id': 'text-1', 'conversations': turn('Say hello.', 'hello')}, {'id': 'pair', 'image': imgs[:2],
+                 'conversations': turn('Compare <image> with <image>.', 'They differ.')}, {'id': 'text-2', 'conversations': turn('Name a colour.', 'red')}])
+    (tmp_path / 'mixed.json').write_text(json.dumps(items))
+    s = convert(tmp_path / 'mixed.json', tmp_path / 'ds', spec, split='heldout', image_root=tmp_path / 'raw', progress=False)
+    assert s.written == 7 and not s.rejected, s
+    run = tmp_path / 'run'; run.mkdir()
+    (run / 'metrics.json').write_text(json.dumps({'log_history': [{'step': k, 'loss': 2.0 / k} for k in range(1, 6)]}))
+    return tmp_path
+
+
+def _shows_left_out(run: Path, rec: dict) -> None:
+    "The record holds the counts, reads back into the AblationResult, and the page shows them in the panel and the summary."
+    from vlmlab.report import ablation_result
+    assert rec['skipped'] == {'text-only': 2, 'several images': 1} and rec['n'] == 4
+    assert rec['items'] == ['one-0', 'one-1', 'one-2', 'one-3']   # the ids of the items ablated, not of all held-out items
+    assert ablation_result(rec).skipped == rec['skipped']
+    text = write_report(run).read_text()
+    panel = re.search(r'<section id="ablation">.*?</section>', text, re.S).group(0)
+    summary = re.search(r'<section id="summary">.*?</section>', text, re.S).group(0)
+    for where in (panel, summary):
+        assert 'left out: 2 text-only, 1 several images (only one-image items are ablated)' in where, where
+
+
+def test_ablation_records_and_shows_the_items_it_left_out(mixed_heldout):
+    from vlmlab.diagnostics import connector_ablation
+    from vlmlab.report import ablation_record, heldout_samples, load_eval_model, save_ablation
+    run = mixed_heldout / 'run'
+    ho = heldout_samples(KIT, mixed_heldout / 'ds', n=7, target='conversation')
+    assert len(ho.samples) == 7 and ho.ablated_ids == ['one-0', 'one-1', 'one-2', 'one-3']
+    res = connector_ablation(load_eval_model(KIT), ho.samples, ho.pad_token_id, 4, progress=False)
+    with pytest.raises(ValueError, match=r"7 item ids for 4 per-item losses: the ablation left out 3 item\(s\).*HeldOut\.ablated_ids"):
+        ablation_record(res, ho.ids)
+    rec = load_ablation(save_ablation(res, run / 'ablation.json', ho.ablated_ids))
+    _shows_left_out(run, rec)
+    # a record written before the counts existed still loads and shows no count
+    from vlmlab.report import ablation_result
+    old = {k: v for k, v in rec.items() if k != 'skipped'}
+    (run / 'ablation.json').write_text(json.dumps(old))
+    assert ablation_result(load_ablation(run / 'ablation.json')).skipped == {}
+    assert 'left out' not in write_report(run).read_text()
+    for bad in ({'text-only': 'two'}, {'text-only': -1}, ['text-only']):
+        (run / 'ablation.json').write_text(json.dumps({**old, 'skipped': bad}))
+        with pytest.raises(ValueError, match=r"ablation\.json: 'skipped' must map"): load_ablation(run / 'ablation.json')
+
+
+def test_ablate_command_records_the_items_it_left_out(mixed_heldout, capsys):
+    run = mixed_heldout / 'run'
+    rc = main(['ablate', '--model', KIT, '--data', str(mixed_heldout / 'ds'), '--target', 'conversation', '--n', '7', '--batch-size', '4',
+               '--quiet', '--out', str(run / 'ablation.json')])
+    cap = capsys.readouterr()
+    assert 'skipped: 2 text-only, 1 several images' in cap.out, cap.out
+    assert rc in (0, 1), cap.err
+    _shows_left_out(run, load_ablation(run / 'ablation.json'))
+
+
+# ---- the loss-balance verdict of a detection run (metrics.json['loss_balance'], BBUTrainer.loss_balance)
+
+BALANCE = {'step': 1, 'ok': True, 'warning': None, 'ratio': 0.734, 'threshold': 10.0, 'bbox_l1': 0.213, 'bbox_giou': 0.641,
+           'caption': 2.07, 'weights': {'bbox': 5.0, 'giou': 2.0, 'caption': 1.0}}
+HEAVY = {**BALANCE, 'ok': False, 'ratio': 37.5, 'caption': 105.3,
+         'warning': 'caption loss >> bbox loss: weighted caption 105 is 37.5x the weighted box terms 2.81 (threshold 10.0); '
+                    'lower detection_caption_weight (now 1.0)'}
+
+
+def _balance_page(root: Path, balance) -> tuple[str, list[tuple[str, str]]]:
+    root.mkdir()
+    logs = [{'step': k, 'loss': 3.0 / k, 'bbox_l1': 0.2, 'bbox_giou': 0.6, 'caption': 2.0} for k in range(1, 12)]
+    (root / 'metrics.json').write_text(json.dumps({'log_history': logs, **({'loss_balance': balance} if balance is not None else {})}))
+    text = write_report(root).read_text()
+    summary = re.search(r'<section id="summary">.*?</section>', text, re.S).group(0)
+    return text, re.findall(r'<li class="(\w+)">((?:OK  |FLAG) loss balance:[^<]*)</li>', summary)
+
+
+def test_report_shows_the_loss_balance_verdict(tmp_path):
+    text, lines = _balance_page(tmp_path / 'ok', BALANCE)
+    assert [c for c, _ in lines] == ['ok'] and 'PASS' in lines[0][1], lines
+    for number in ('0.734 &lt;= threshold 10', 'step 1', 'bbox_l1 0.213', 'bbox_giou 0.641', 'caption 2.07', 'bbox 5', 'giou 2', 'caption 1'):
+        assert number in lines[0][1], (number, lines)
+    assert 'Loss balance (detection head)' in text and 'nothing flagged' in text
+
+    text, lines = _balance_page(tmp_path / 'heavy', HEAVY)
+    assert [c for c, _ in lines] == ['flag'] and 'WARN' in lines[0][1], lines
+    assert '37.5 &gt; threshold 10' in lines[0][1] and 'lower detection_caption_weight' in lines[0][1] and 'caption 105.3' in lines[0][1]
+    assert '1 flag(s)' in text
+
+    # the trainer passes a step whose box terms are 0 (ratio inf): the page does not call that balanced
+    _, lines = _balance_page(tmp_path / 'zero', {**BALANCE, 'bbox_l1': 0.0, 'bbox_giou': 0.0, 'ratio': float('inf')})
+    assert [c for c, _ in lines] == ['flag'] and 'WARN' in lines[0][1] and 'box terms are 0' in lines[0][1], lines
+
+    _, lines = _balance_page(tmp_path / 'broken', {'ok': True})   # not a record: said so, not PASS
+    assert [c for c, _ in lines] == ['flag'] and 'unreadable' in lines[0][1] and 'missing step' in lines[0][1], lines
+
+    text, lines = _balance_page(tmp_path / 'none', None)   # no detection head: no line at all
+    assert lines == [] and 'loss balance' not in text.lower()
+
+
+def test_loss_balance_record_is_what_the_trainer_writes():
+    "The keys the report reads are the ones BBUTrainer.loss_balance returns."
+    import inspect
+    from vlmlab.report import BALANCE_KEYS
+    from vlmlab.trainer import BBUTrainer
+    src = inspect.getsource(BBUTrainer.loss_balance)
+    for k in BALANCE_KEYS:
+        assert f"'{k}'" in src or k in ('bbox_l1', 'bbox_giou', 'caption'), k
+    from vlmlab.detection import BALANCE_TERMS
+    assert set(BALANCE_TERMS) == {'bbox_l1', 'bbox_giou', 'caption'}

@@ -24,6 +24,7 @@ from .tokens import (ENDOFTEXT, IMAGE_PAD, IM_END, IM_START, OBJECT_REF_START, O
                            image_token_count, mm_token_type_ids)
 from .vision import ResizeSpec, assert_image_tokens, boxes_to_model, load_image
 from .data import record_images, resolve_inside
+from .answer_boxes import AnswerBox, find_answer_boxes
 
 # %% auto #0
 __all__ = ['DEFAULT_GROUNDING_PROMPT', 'DEFAULT_CAPTION_PROMPT', 'TOKEN_ROLES', 'LABEL_KIND', 'ROLE_COLORS', 'grounding_text',
@@ -104,6 +105,14 @@ def _refuse_placeholders(seg, sid: str, rid: str) -> None:
         where = f"message {seg.message} ({seg.role}{', from teacher demonstration ' + repr(rid) if rid != sid else ''})"
         raise PlaceholderError(str(e).replace(f"sample {sid!r}: ", f"sample {sid!r}, {where}: ", 1)) from None
 
+def _answer_boxes(rec: dict) -> list[tuple[int, AnswerBox]]:
+    "(turn, box) of every box in a record's assistant answers (a question's box names a region asked about, not an object)."
+    out = []
+    for k, m in enumerate(rec.get('conversations') or []):
+        if isinstance(m, dict) and (m.get('role') or m.get('from')) in ('assistant', 'gpt'):
+            out += [(k, b) for b in find_answer_boxes(m.get('content', m.get('value')))]
+    return out
+
 def _shape(n: int) -> str: return 'text-only' if n == 0 else f"a {n}-image record"
 def _which(k: int, n: int) -> str: return f" image {k + 1} of {n}" if n > 1 else ''
 
@@ -175,14 +184,33 @@ class ChatProcessor:
         if (n := len(self._images(record))) != 1:
             raise ChatError(f"sample {record['id']!r}: target {self.target!r} needs a one-image record (its objects are boxes in that "
                             f"image), this one is {_shape(n)}; train such records with target 'conversation', or leave them out")
+        self._check_objects(record)
         answer = grounding_text(record['objects'], tuple(record['size']), self.family) if self.target == 'grounding' \
                  else caption_text(record['objects'])
         return [{'role': 'user', 'content': [{'type': 'image'}, {'type': 'text', 'text': self.prompt}]},
                 {'role': 'assistant', 'content': answer}]
 
+    def _check_objects(self, record: dict) -> None:
+        "Refuse a one-image record whose objects cannot be this target's answer: none stored, or empty while its answers hold boxes."
+        if 'objects' not in record:
+            raise ChatError(f"sample {record['id']!r}: target {self.target!r} answers with the record's 'objects', and it has none "
+                            "(not a `vlmlab convert` record?): convert it again, or train it with target 'conversation'")
+        if record['objects'] or not (found := _answer_boxes(record)): return
+        k, b = found[0]
+        empty = grounding_text([], tuple(record['size']), self.family) if self.target == 'grounding' else caption_text([])
+        note = next((n for n in record.get('notes') or [] if isinstance(n, str) and n.startswith('answer boxes without a label')), None)
+        raise ChatError(f"sample {record['id']!r}: target {self.target!r} would train the answer {empty!r}, but its objects are empty "
+                        f"while its answers hold {len(found)} box(es) (turn {k}: {b.describe()})"
+                        + (f"; conversion noted: {note}" if note else '')
+                        + ": label every box in the answers (a \"label\" beside each bbox_2d) and convert again, "
+                          "or train it with target 'conversation'")
+
     def usable(self, record: dict) -> bool:
-        "Whether this target can make an example of `record` (grounding and caption need one image)."
-        try: return self.target == 'conversation' or len(self._images(record)) == 1
+        "Whether this target can make an example of `record` (grounding and caption: one image, objects for the boxes its answers hold)."
+        if self.target == 'conversation': return True
+        try:
+            if len(self._images(record)) != 1: return False
+            self._check_objects(record); return True
         except ChatError: return False
 
     def teachers_for(self, record: dict, epoch: int = 0) -> list[dict]:
@@ -190,8 +218,14 @@ class ChatProcessor:
         if not self.teacher_ratio: return []
         rng = random.Random(hashlib.sha256(f"{self.seed}:{epoch}:{record['id']}".encode()).hexdigest())
         if rng.random() >= self.teacher_ratio: return []
-        pool = [r for r in self.teacher_pool if r['id'] != record['id'] and self.usable(r)]
+        pool = [r for r in self._teacher_candidates() if r['id'] != record['id']]
         return rng.sample(pool, min(self.n_teachers, len(pool)))
+
+    def _teacher_candidates(self) -> list[dict]:
+        "The usable records of the teacher pool, in order; read once per pool (its answers are searched for boxes), not once per sample."
+        key = (id(self.teacher_pool), len(self.teacher_pool), self.target)
+        if getattr(self, '_candidates', (None,))[0] != key: self._candidates = (key, [r for r in self.teacher_pool if self.usable(r)])
+        return self._candidates[1]
 
     def _images(self, rec: dict) -> list[dict]:
         "The record's image entries, in placeholder order (`record_images`), its errors naming the sample."

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import dataclasses
 import inspect
 import io
 import json
@@ -404,7 +403,7 @@ def ablate(*,
     try:
         _check_eval_args(n, batch_size, least_batch=2)
         model_folder(model)   # a missing model folder is named before the data is read
-        ho = heldout_samples(model, data, split, n, target, max_length)
+        ho = heldout_samples(model, data, split, n, target, max_length, progress=not quiet)
         vlm = load_eval_model(model)
     except (OSError, ValueError, RuntimeError) as e: return _fail('ablate', e)
     if ho.skipped: print(f"skipped {len(ho.skipped)} item(s) that cannot be processed; first: {ho.skipped[0]}", file=sys.stderr)
@@ -412,7 +411,7 @@ def ablate(*,
     print(f"connector ablation of {model} on {len(ho.samples)} '{ho.split}' items of {data} (target {ho.target}, max_length {ho.max_length})")
     print(res)
     if out:
-        try: f = save_ablation(res, out, ho.ids, model=str(model), data=str(data), split=ho.split, target=ho.target, seed=seed)
+        try: f = save_ablation(res, out, ho.ablated_ids, model=str(model), data=str(data), split=ho.split, target=ho.target, seed=seed)
         except OSError as e: return _fail('ablate', e)
         print(f"ablation record: {f}")
     return 0 if res.passed else 1
@@ -432,7 +431,6 @@ def evaluate(*,
     "Teacher-forced loss of several checkpoints on the same held-out items, one model in memory at a time, compared pairwise."
     import itertools, json
     import numpy as np
-    from tqdm.auto import tqdm
     from vlmlab.data import write_atomic
     from vlmlab.diagnostics import compare_paired, evaluate_checkpoints, paired_sample_size
     from vlmlab.report import heldout_losses, heldout_samples, load_eval_model, model_folder, run_config
@@ -441,17 +439,14 @@ def evaluate(*,
         _check_eval_args(n, batch_size)
         for c in checkpoints: model_folder(c)   # every folder exists before the first is loaded
         ref = next((c for c in checkpoints if run_config(c) is not None), checkpoints[0])   # a trained one knows target and length
-        ho = heldout_samples(ref, data, split, n, target, max_length)
+        ho = heldout_samples(ref, data, split, n, target, max_length, progress=not quiet)
         vocab = ho.tokenizer.get_vocab()
         def load(path):
             m = load_eval_model(path)
             if m.tokenizer.get_vocab() != vocab:
                 raise ValueError(f"{path}: its tokenizer differs from {ref}'s, so the items would not be the same tokens")
             return m
-        def losses(m):   # heldout_losses one batch at a time, for the progress bar: the same batches, the same numbers
-            starts = range(0, len(ho.samples), batch_size)
-            return [l for i in tqdm(starts, desc='batches', unit='batch', leave=False, disable=quiet)
-                    for l in heldout_losses(m, dataclasses.replace(ho, samples=ho.samples[i:i + batch_size]), batch_size)]
+        def losses(m): return heldout_losses(m, ho, batch_size, progress=not quiet)
         results = evaluate_checkpoints(checkpoints, losses, load, progress=not quiet)
     except (OSError, ValueError, RuntimeError) as e: return _fail('eval', e)
     print(f"{len(ho.samples)} '{ho.split}' items of {data} (target {ho.target}, max_length {ho.max_length}); mean token loss:")

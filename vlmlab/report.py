@@ -10,6 +10,7 @@ import html
 import io
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,21 +20,22 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 from scipy import stats
+from tqdm.auto import tqdm
 
 from .chat import ChatProcessor, ChatStats
 from .data import read_jsonl, write_atomic
 from .diagnostics import (ABLATIONS, EXPLODING_ABOVE, FROZEN_BELOW, GOLDILOCKS, UNSTABLE_ABOVE, AblationResult,
-                                CurveThresholds, Verdict, diagnose_loss_curve, grad_norm_verdicts, item_losses, loss_series,
+                                CurveThresholds, Verdict, ablation_samples, diagnose_loss_curve, grad_norm_verdicts, item_losses, loss_series,
                                 metric_series, update_ratio_verdicts)
 from .model import FAMILY_OF_MODEL_TYPE, VLMLabConfig, resolve_model_path, verify_checkpoint
 
 # %% auto #0
 __all__ = ['HELDOUT_SPLITS', 'TRUNCATION_LIMIT', 'RUNBOOK_TRUNCATION_ADVICE', 'ABLATION_FORMAT', 'ABLATION_CONFIDENCE',
-           'ABLATION_CONDITIONS', 'ABLATION_KEYS', 'REPORT_PANELS', 'model_folder', 'processing_kit', 'SplitCoverage',
-           'coverage_advice', 'DataReport', 'data_report', 'run_config', 'HeldOut', 'heldout_samples',
+           'ABLATION_CONDITIONS', 'ABLATION_KEYS', 'REPORT_PANELS', 'BALANCE_KEYS', 'model_folder', 'processing_kit',
+           'SplitCoverage', 'coverage_advice', 'DataReport', 'data_report', 'run_config', 'HeldOut', 'heldout_samples',
            'load_eval_model', 'heldout_losses', 'ablation_record', 'save_ablation', 'load_ablation', 'ablation_result',
-           'read_run', 'png_bytes', 'loss_terms_figure', 'grad_norm_figure', 'update_ratio_figure', 'ablation_figure',
-           'consistent_loss_verdict', 'write_report']
+           'skipped_text', 'read_run', 'png_bytes', 'loss_terms_figure', 'grad_norm_figure', 'update_ratio_figure',
+           'ablation_figure', 'consistent_loss_verdict', 'loss_balance_verdict', 'write_report']
 
 # %% ../nbs/09_report.ipynb #09-report-006
 HELDOUT_SPLITS = ('heldout', 'eval', 'val', 'validation', 'test')   # held-out split names looked for, in this order
@@ -198,6 +200,11 @@ class HeldOut:
         return [s.id for s in self.samples]
 
     @property
+    def ablated_ids(self) -> list[str]:
+        "The ids of the one-image items, in order: the items `connector_ablation` keeps (`ablation_samples`), for its record."
+        return [s.id for s in ablation_samples(self.samples)[0]]
+
+    @property
     def pad_token_id(self) -> int:
         "The tokenizer's pad id."
         return self.tokenizer.pad_token_id
@@ -208,6 +215,7 @@ def heldout_samples(model: str | Path, # the model the items are for (its tokeni
                     n: int = 64, # the first n items that process (the runbook: 64-256)
                     target: str | None = None, # data.target (default: the run's config, else 'grounding')
                     max_length: int | None = None, # data.max_length (default: the run's config, else 4096)
+                    progress: bool = False, # a tqdm bar of the items processed (stderr)
                    ) -> HeldOut:
     "The first `n` items of a held-out split, processed as the model was trained."
     root = Path(ds_output)
@@ -225,11 +233,12 @@ def heldout_samples(model: str | Path, # the model the items are for (its tokeni
     tok, ip, family = processing_kit(model)
     proc = ChatProcessor(tok, ip, family, root, max_length, target)
     samples, skipped = [], []
-    for line, rec, err in read_jsonl(f):
-        if len(samples) >= n: break
-        if rec is None: skipped.append(f"{f.name} line {line}: {err}"); continue
-        try: samples.append(proc(rec))
-        except (ValueError, OSError) as e: skipped.append(str(e))
+    with tqdm(total=n, desc=f'{split} items', unit='item', file=sys.stderr, leave=False, disable=not progress) as bar:
+        for line, rec, err in read_jsonl(f):
+            if len(samples) >= n: break
+            if rec is None: skipped.append(f"{f.name} line {line}: {err}"); continue
+            try: samples.append(proc(rec)); bar.update(1)
+            except (ValueError, OSError) as e: skipped.append(str(e))
     if len(samples) < 2:
         raise ValueError(f"{f}: {len(samples)} item(s) could be processed, at least 2 are needed"
                          + (f"; first problem: {skipped[0]}" if skipped else ''))
@@ -277,6 +286,7 @@ def load_eval_model(path: str | Path, # checkpoint-N/, a run's final/, a run fol
 def heldout_losses(model, # a VLMDetector (from load_eval_model) or a transformers Qwen-VL model
                    heldout: HeldOut, # the items (heldout_samples)
                    batch_size: int = 8, # items per forward pass
+                   progress: bool = False, # a tqdm bar of the batches (stderr)
                   ) -> list[float]:
     "Teacher-forced mean token loss of every held-out item (diagnostics.item_losses over padded batches)."
     from vlmlab.collators import StandardDataCollator
@@ -284,7 +294,8 @@ def heldout_losses(model, # a VLMDetector (from load_eval_model) or a transforme
     was_training, col, out = vlm.training, StandardDataCollator(heldout.pad_token_id), []
     vlm.eval()
     try:
-        for i in range(0, len(heldout.samples), batch_size):
+        for i in tqdm(range(0, len(heldout.samples), batch_size), desc='held-out batches', unit='batch', file=sys.stderr,
+                      leave=False, disable=not progress):
             batch = col(heldout.samples[i:i + batch_size])
             out += item_losses(vlm, {k: v.to(vlm.device) if torch.is_tensor(v) else v for k, v in batch.items()})
     finally: vlm.train(was_training)
@@ -302,11 +313,16 @@ def ablation_record(result: AblationResult, # from diagnostics.connector_ablatio
                    ) -> dict:
     "The JSON-able record of an ablation: verdict, means, paired deltas with intervals, per-item losses."
     n = len(result.losses['correct'])
-    if items and len(items) != n: raise ValueError(f"{len(items)} item ids for {n} per-item losses")
+    if items and len(items) != n:
+        left = sum(result.skipped.values())
+        raise ValueError(f"{len(items)} item ids for {n} per-item losses" + (
+            f": the ablation left out {left} item(s) ({', '.join(f'{c} {k}' for k, c in result.skipped.items())}); pass the ids of "
+            "the ablated one-image items (HeldOut.ablated_ids), not every held-out id" if left and len(items) == n + left else ''))
     return {'format': ABLATION_FORMAT, 'passed': bool(result.passed), 'n': n, 'confidence': ABLATION_CONFIDENCE, **meta,
             'note': result.note, 'mean_loss': {k: float(np.mean(v)) for k, v in result.losses.items()},
             'deltas': {k: {'mean': float(m), 'low': float(lo), 'high': float(hi)} for k, (m, lo, hi) in result.deltas.items()},
-            'losses': {k: [float(x) for x in v] for k, v in result.losses.items()}, 'items': [str(i) for i in items]}
+            'losses': {k: [float(x) for x in v] for k, v in result.losses.items()}, 'items': [str(i) for i in items],
+            'skipped': {str(k): int(c) for k, c in result.skipped.items()}}   # items left out by kind (text-only, several images)
 
 def save_ablation(result: AblationResult, # from diagnostics.connector_ablation
                   path: str | Path, # where to write (RUN_DIR/ablation.json for the report)
@@ -353,13 +369,23 @@ def load_ablation(path: str | Path, # an ablation record
         raise bad(f"'mean_loss' must map each of {', '.join(ABLATION_CONDITIONS)} to a number")
     if not isinstance(rec['passed'], bool): raise bad("'passed' must be true or false")
     if not num(rec['n']) or not num(rec['confidence']): raise bad("'n' and 'confidence' must be numbers")
+    sk = rec.get('skipped', {})   # optional: records written before skipped items were counted hold none
+    if not isinstance(sk, dict) or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in sk.values()):
+        raise bad("'skipped' must map each kind of item left out ('text-only', 'several images') to a count >= 0")
     return rec
 
 def ablation_result(record: Mapping, # an ablation record (load_ablation)
                    ) -> AblationResult:
     "The AblationResult of a record."
     return AblationResult({k: list(record['losses'][k]) for k in ABLATION_CONDITIONS},
-                          {k: (d['mean'], d['low'], d['high']) for k, d in record['deltas'].items()}, record['passed'], record.get('note', ''))
+                          {k: (d['mean'], d['low'], d['high']) for k, d in record['deltas'].items()}, record['passed'], record.get('note', ''),
+                          dict(record.get('skipped') or {}))
+
+def skipped_text(record: Mapping, # an ablation record (load_ablation)
+                ) -> str:
+    "The items the ablation left out, in words ('' when none or not recorded)."
+    sk = {k: c for k, c in (record.get('skipped') or {}).items() if c}
+    return f"left out: {', '.join(f'{c} {k}' for k, c in sk.items())} (only one-image items are ablated)" if sk else ''
 
 # %% ../nbs/09_report.ipynb #09-report-032
 def read_run(run_dir: str | Path, # a `vlmlab train` output folder
@@ -546,7 +572,8 @@ def _ablation_panel(rec: Mapping | None, run_dir: Path, images: dict) -> str:
         rows.append((k, rec['mean_loss'][k], d['mean'], f"[{d['low']:+.4f}, {d['high']:+.4f}]", _badge(d['low'] > 0, 'yes' if d['low'] > 0 else 'no')))
     meta = ', '.join(f"{k} {rec[k]}" for k in ('model', 'data', 'split', 'target', 'seed', 'created') if rec.get(k) not in (None, ''))
     return (f"<p>{_badge(rec['passed'], 'PASS' if rec['passed'] else 'FAIL')}: the loss with the correct image must be below every "
-            f"ablation, each paired {rec['confidence']:.0%} interval above 0. {rec['n']} items. {html.escape(meta)}</p>"
+            f"ablation, each paired {rec['confidence']:.0%} interval above 0. {rec['n']} items"
+            f"{'; ' + html.escape(skipped_text(rec)) if skipped_text(rec) else ''}. {html.escape(meta)}</p>"
             + images.get('ablation', '') + _table(('condition', 'mean loss', 'delta vs correct', 'CI', 'above 0'), rows)
             + (f"<p class='muted'>note: {html.escape(rec['note'])}</p>" if rec.get('note') else ''))
 
@@ -593,6 +620,32 @@ def consistent_loss_verdict(v: Verdict, # a loss-curve verdict (diagnostics.diag
                    "the merger alone: behind an untrained LLM the logits stay near uniform), the learning rate is too low, or "
                    "the run is too short; see the update-ratio panel", {**v.evidence, 'moving_groups': moving})
 
+# %% ../nbs/09_report.ipynb #09-report-044d
+BALANCE_KEYS = ('step', 'ok', 'warning', 'ratio', 'threshold', 'bbox_l1', 'bbox_giou', 'caption', 'weights')   # BBUTrainer.loss_balance
+
+def loss_balance_verdict(balance: Mapping | None, # metrics.json['loss_balance'] (BBUTrainer.loss_balance); None without a detection head
+                        ) -> Verdict | None:
+    "The detection loss balance as a verdict: PASS or WARN with the weighted ratio, the terms and the weights; None when absent."
+    if balance is None: return None
+    num = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)
+    miss = [k for k in BALANCE_KEYS if k not in balance] if isinstance(balance, Mapping) else list(BALANCE_KEYS)
+    bad = [k for k in ('ratio', 'threshold', 'bbox_l1', 'bbox_giou', 'caption') if k not in miss and not num(balance[k])]
+    if miss or bad or not isinstance(balance['ok'], bool) or not isinstance(balance['weights'], Mapping):
+        return Verdict('loss balance', 'unreadable', False, f"metrics.json['loss_balance'] is not a loss-balance record "
+                       f"({'missing ' + ', '.join(miss) if miss else 'non-numbers in ' + ', '.join(bad) if bad else 'ok / weights malformed'}): "
+                       "re-run `vlmlab report` on a run written by `vlmlab train`", {})
+    b, w = balance, balance['weights']
+    ok = b['ok'] and not b['ratio'] > b['threshold']
+    ev = {'step': b['step'], 'ratio': b['ratio'], 'threshold': b['threshold'], **{k: b[k] for k in ('bbox_l1', 'bbox_giou', 'caption')},
+          **{f'weight_{k}': v for k, v in w.items()}}
+    cause = (f"weighted caption / weighted box terms {b['ratio']:.3g} {'<=' if ok else '>'} threshold {b['threshold']:g} at step {b['step']} "
+             f"(bbox_l1 {b['bbox_l1']:.4g}, bbox_giou {b['bbox_giou']:.4g}, caption {b['caption']:.4g}; weights "
+             + ', '.join(f"{k} {v:g}" if num(v) else f"{k} {v}" for k, v in w.items()) + ')')
+    if not ok:
+        cause += f": {b['warning']}" if b['warning'] else ": the box terms are 0, the caption loss is all that trains"
+    return Verdict('loss balance', 'PASS' if ok else 'WARN', ok, cause, ev)
+
+
 # %% ../nbs/09_report.ipynb #09-report-045
 def _seed_ratio_line(v: Verdict, judged: set) -> tuple[bool, str]:
     "The summary line of an lr·|grad|/|W| verdict: informational for a group whose applied step is logged (Adam: 08_diagnostics)."
@@ -634,7 +687,9 @@ def write_report(run_dir: str | Path, # a `vlmlab train` output folder
                + [(v.ok, str(v)) for v in data_v] + [(False, f"FLAG data: {a}") for a in (data.advice() if data else [])])
     if rec is not None:
         summary.append((rec['passed'], f"{'OK  ' if rec['passed'] else 'FLAG'} connector ablation: {'PASS' if rec['passed'] else 'FAIL'} - "
-                        + ', '.join(f"{k} {d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]" for k, d in rec['deltas'].items())))
+                        + ', '.join(f"{k} {d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]" for k, d in rec['deltas'].items())
+                        + f" on {rec['n']} items" + (f"; {skipped_text(rec)}" if skipped_text(rec) else '')))
+    if (bal := loss_balance_verdict(run.get('loss_balance'))) is not None: summary.append((bal.ok, str(bal)))
     flags = sorted([s for ok, s in summary if not ok]) + [s for ok, s in summary if ok]
     n_flag = sum(not ok for ok, _ in summary)
     body = {
@@ -653,6 +708,7 @@ def write_report(run_dir: str | Path, # a `vlmlab train` output folder
                      + f"<p class='muted'>0 at every step: broken graph; 0 at some: intermittent; above {EXPLODING_ABOVE:g}: exploding; NaN/inf: overflow.</p>"
                      + '<h3>Update ratio lr·|grad|/|W|</h3>' + _verdict_table(ur_v)
                      + '<h3>Applied step |ΔW|/|W| (what AdamW actually did)</h3>' + _verdict_table(sr_v)
+                     + ('<h3>Loss balance (detection head)</h3>' + _verdict_table([bal]) if bal is not None else '')
                      + f"<p class='muted'>Bands (median over the logged steps): frozen below {FROZEN_BELOW:g}, goldilocks {GOLDILOCKS[0]:g} .. "
                        f"{GOLDILOCKS[1]:g} around the 1e-3 target, unstable above {UNSTABLE_ABOVE:g}.</p>")}
     sections = ''.join(f'<section id="{pid}"><h2>{html.escape(title)}</h2>{body[pid]}</section>' for pid, title in REPORT_PANELS.items())
