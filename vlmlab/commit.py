@@ -52,7 +52,9 @@ def _pid_alive(pid: Any) -> bool:
     except ProcessLookupError: return False
     except PermissionError: return True
     except OverflowError: return False
-    return True
+    try: state = Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[0]
+    except (OSError, IndexError): return True   # no /proc (not Linux): the signal check is all there is
+    return state not in ('Z', 'X')   # a zombie (a killed run's worker nobody reaped yet) writes nothing more
 
 def _read_lock(fd: int) -> dict | None:
     try:

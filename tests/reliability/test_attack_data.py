@@ -159,6 +159,24 @@ def test_stale_temp_cleanup_spares_live_writers(tmp_path):
     finally: live.kill(); live.wait()
 
 
+
+@case("start-up clean-up of a temporary file whose writer is a zombie (a killed run's worker nobody has reaped yet)",
+      "the zombie counts as dead: its temporary file is removed", group=ATOMIC)
+def test_stale_temp_cleanup_treats_zombies_as_dead(tmp_path):
+    data.make_shapes(tmp_path / 'raw', n=2, seed=3, old_format=0, size_range=(60, 120))
+    out = tmp_path / 'out'; (out / 'images' / 'train').mkdir(parents=True)
+    zombie = subprocess.Popen([sys.executable, '-c', 'pass'])
+    try:
+        for _ in range(200):   # wait until it has exited; not reaped (no wait()), so it stays a zombie
+            if Path(f'/proc/{zombie.pid}/stat').read_text().rsplit(')', 1)[1].split()[0] == 'Z': break
+            time.sleep(0.05)
+        os.kill(zombie.pid, 0)   # the signal check alone calls it alive
+        tmp = out / 'images' / 'train' / f'.x.png.tmp-{zombie.pid}'
+        tmp.write_bytes(b'left by a killed worker')
+        convert(tmp_path / 'raw', out, SPEC, progress=False)
+        assert not tmp.exists()
+    finally: zombie.wait()
+
 RERUN_KILLED = textwrap.dedent('''
     import os, signal, sys
     import vlmlab.data as data
