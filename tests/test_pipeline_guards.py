@@ -137,6 +137,8 @@ def test_caption_dominated_run_warns_once_and_records_the_verdict(ds, tmp_path):
     assert len(msgs) == 1 and msgs[0].startswith('step 1: ') and 'detection_caption_weight (now 50.0)' in msgs[0], msgs
     stored = json.loads((tmp_path / 'w50' / 'metrics.json').read_text())['loss_balance']
     assert stored == m['loss_balance'] and stored['ok'] is False and stored['step'] == 1 and stored['ratio'] > stored['threshold']
+    from vlmlab.report import BALANCE_KEYS
+    assert set(stored) == set(BALANCE_KEYS)   # the record the report reads is the one the trainer writes
     assert stored['weights']['caption'] == 50.0 and stored['warning'] in msgs[0]
     logged = [h for h in m['log_history'] if 'loss_balance' in h]
     assert [h['step'] for h in logged] == [1] and logged[0]['loss_balance'] == stored['warning']

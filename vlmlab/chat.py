@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import html
 import io
@@ -181,14 +182,18 @@ class ChatProcessor:
             if not record.get('conversations'):
                 raise ChatError(f"sample {record['id']!r}: target 'conversation' but the record has no conversations")
             return record['conversations']
-        if (n := len(self._images(record))) != 1:
-            raise ChatError(f"sample {record['id']!r}: target {self.target!r} needs a one-image record (its objects are boxes in that "
-                            f"image), this one is {_shape(n)}; train such records with target 'conversation', or leave them out")
-        self._check_objects(record)
+        self._check_target(record)
         answer = grounding_text(record['objects'], tuple(record['size']), self.family) if self.target == 'grounding' \
                  else caption_text(record['objects'])
         return [{'role': 'user', 'content': [{'type': 'image'}, {'type': 'text', 'text': self.prompt}]},
                 {'role': 'assistant', 'content': answer}]
+
+    def _check_target(self, record: dict) -> None:
+        "Refuse a record that grounding and caption targets cannot answer: not exactly one image, or objects that do not fit."
+        if (n := len(self._images(record))) != 1:
+            raise ChatError(f"sample {record['id']!r}: target {self.target!r} needs a one-image record (its objects are boxes in that "
+                            f"image), this one is {_shape(n)}; train such records with target 'conversation', or leave them out")
+        self._check_objects(record)
 
     def _check_objects(self, record: dict) -> None:
         "Refuse a one-image record whose objects cannot be this target's answer: none stored, or empty while its answers hold boxes."
@@ -208,9 +213,7 @@ class ChatProcessor:
     def usable(self, record: dict) -> bool:
         "Whether this target can make an example of `record` (grounding and caption: one image, objects for the boxes its answers hold)."
         if self.target == 'conversation': return True
-        try:
-            if len(self._images(record)) != 1: return False
-            self._check_objects(record); return True
+        try: self._check_target(record); return True
         except ChatError: return False
 
     def teachers_for(self, record: dict, epoch: int = 0) -> list[dict]:
@@ -218,14 +221,13 @@ class ChatProcessor:
         if not self.teacher_ratio: return []
         rng = random.Random(hashlib.sha256(f"{self.seed}:{epoch}:{record['id']}".encode()).hexdigest())
         if rng.random() >= self.teacher_ratio: return []
-        pool = [r for r in self._teacher_candidates() if r['id'] != record['id']]
+        pool = [r for r in self._teacher_candidates if r['id'] != record['id']]
         return rng.sample(pool, min(self.n_teachers, len(pool)))
 
+    @functools.cached_property
     def _teacher_candidates(self) -> list[dict]:
-        "The usable records of the teacher pool, in order; read once per pool (its answers are searched for boxes), not once per sample."
-        key = (id(self.teacher_pool), len(self.teacher_pool), self.target)
-        if getattr(self, '_candidates', (None,))[0] != key: self._candidates = (key, [r for r in self.teacher_pool if self.usable(r)])
-        return self._candidates[1]
+        "The usable records of the teacher pool, in order; read once (its answers are searched for boxes), not once per sample."
+        return [r for r in self.teacher_pool if self.usable(r)]
 
     def _images(self, rec: dict) -> list[dict]:
         "The record's image entries, in placeholder order (`record_images`), its errors naming the sample."

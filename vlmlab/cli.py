@@ -144,7 +144,7 @@ def doctor(*,
           ) -> int:
     "Check the environment before a run: versions, torch import, devices, writable directories, model tokens."
     if model:
-        from vlmlab.model import resolve_model_path   # here: it imports torch, which the doctor probes in a subprocess first
+        from vlmlab.model import resolve_model_path   # a missing folder: one line, exit 2 (this imports torch before the doctor's probe)
         model = resolve_model_path(model)
     checks = run_doctor(out, cache_dir, model, timeout)
     print(doctor_json(checks) if as_json else doctor_report(checks))
@@ -312,11 +312,6 @@ def resume_command(config: str, # the config file given to `train`
             (['--max-steps', str(max_steps)] if max_steps is not None else [])
     return ' '.join(shlex.quote(p) for p in parts)
 
-def _takes(f: Callable, name: str) -> bool:
-    "Does `f` have a parameter called `name` (not only **kwargs)?"
-    prm = inspect.signature(f).parameters.get(name)
-    return prm is not None and prm.kind is not inspect.Parameter.VAR_KEYWORD
-
 @command
 def train(*,
           config: str, # YAML run config (see configs/)
@@ -337,19 +332,13 @@ def train(*,
     cfg = VLMLabConfig.from_yaml(config)
     if max_steps is not None: cfg.training.max_steps = max_steps
     if out is not None: cfg.training.output_dir = out
-    kw = {}
-    if overwrite:
-        if not _takes(train_from_config, 'overwrite'):
-            raise ValueError(f"--overwrite: this vlmlab's trainer cannot replace a run yet; remove {cfg.training.output_dir} "
-                             "yourself or choose another --out")
-        kw['overwrite'] = True
     rank0 = int(os.environ.get('RANK', '0')) == 0
-    try: metrics = train_from_config(cfg, resume=resume, progress=not quiet, **kw)
+    try: metrics = train_from_config(cfg, resume=resume, overwrite=overwrite, progress=not quiet)
     except NonFiniteError as e:
         print(f"vlmlab train: stopped: {one_line(e)}", file=sys.stderr); return 3
-    except (KeyboardInterrupt, getattr(trainer, 'TrainingInterrupted', KeyboardInterrupt)) as e:
+    except (KeyboardInterrupt, trainer.TrainingInterrupted) as e:
         sig = getattr(e, 'signal_name', 'SIGINT')   # the trainer stops at a clean point and names the signal and checkpoint
-        where = f" after step {e.step}; {e.checkpoint or 'no checkpoint'} is complete" if hasattr(e, 'step') else ''
+        where = f" after step {e.step}; {e.checkpoint or 'no checkpoint'} is complete" if isinstance(e, trainer.TrainingInterrupted) else ''
         if rank0: print(f"vlmlab train: interrupted ({'Ctrl-C' if sig == 'SIGINT' else sig}){where}; resume with: {resume_command(config, out, max_steps)}", file=sys.stderr)
         return 128 + getattr(signal.Signals, sig, signal.SIGINT).value
     if rank0:

@@ -331,7 +331,10 @@ def check_loss_balance(terms: dict, # logged loss terms (floats or tensors)
     c = config or DetectionLossConfig()
     box = c.detection_bbox_weight * float(terms['bbox_l1']) + c.detection_giou_weight * float(terms['bbox_giou'])
     r = loss_balance_ratio(terms, c)
-    if box > 0 and r > ratio:
+    if r > ratio and box == 0:
+        return ("caption loss >> bbox loss: the weighted box terms are 0, the caption loss is all that trains the head; "
+                f"check detection_bbox_weight / detection_giou_weight (now {c.detection_bbox_weight} / {c.detection_giou_weight})")
+    if r > ratio:
         return (f"caption loss >> bbox loss: weighted caption {r * box:.3g} is {r:.1f}x the weighted box terms {box:.3g} "
                 f"(threshold {ratio}); lower detection_caption_weight (now {c.detection_caption_weight})")
     return None

@@ -109,16 +109,6 @@ class TrainingCollator:
         return batch
 
 # %% ../nbs/07_trainer.ipynb #07-trainer-007
-def _check_manifests(root: Path, splits: list[str]) -> None:
-    "Every split to be read is the one `vlmlab convert` committed (`vlmlab.data.check_manifest`: counts and hashes), or a DataError."
-    import vlmlab.data as data
-    check = getattr(data, 'check_manifest', None)
-    if check is None: return
-    for split in splits:
-        if not (root / f'{split}.jsonl').is_file(): continue   # a missing split is validate's / records' error, with the splits it has
-        try: check(root, split)
-        except (getattr(data, 'ManifestError', ValueError), OSError) as e: raise DataError(f"{root}: {e}") from None
-
 def prepare_data(cfg: VLMLabConfig, # the run's config
                  model: VLMDetector, # the loaded model (tokenizer, image processor, family)
                  progress: bool = True, # show progress bars
@@ -127,8 +117,7 @@ def prepare_data(cfg: VLMLabConfig, # the run's config
     d, root = cfg.data, Path(cfg.data.ds_output)
     try: spec = ResizeSpec.from_image_processor(model.image_processor, model.family)
     except ValueError as e: raise DataError(f"{cfg.model.name_or_path}: its image processor: {e}") from None
-    _check_manifests(root, [d.train_split] + ([d.eval_split] if d.eval_split else []))
-    report = validate(root, spec, check_images=True, progress=progress)
+    report = validate(root, spec, check_images=True, progress=progress)   # with each split's manifest (counts, hashes)
     if not report.ok: raise DataError(f"{root} does not pass validation for this model:\n{report}")
     def records(split):
         f = root / f'{split}.jsonl'
@@ -150,8 +139,6 @@ def prepare_data(cfg: VLMLabConfig, # the run's config
     advice = proc.stats.advice()
     for a in advice: warnings.warn(f"pre-flight: {a}")
     proc.stats = ChatStats()   # the pre-flight pass is not an epoch
-    if d.packing and (too_long := [(r['id'], n) for r, n in zip(train, lengths) if n > d.max_tokens]):
-        raise DataError(_too_long_message(too_long, d.max_tokens))
     ds = PackDataset(train, proc, lengths, d.max_tokens) if d.packing else SampleDataset(train, proc)
     ev = None
     if d.eval_split:
@@ -198,12 +185,13 @@ def last_good_checkpoint(output_dir: str | Path, # a run's output folder
 
 def load_checkpoint_weights(model: VLMDetector, # the model to load into (same structure as when saved: head, LoRA)
                             folder: str | Path, # a checkpoint folder written by BBUTrainer
+                            verify: bool = True, # check the marker's hashes first (False: the caller just did)
                            ) -> None:
     "Verify a BBUTrainer checkpoint (marker, sha256) and load its module state dict (safetensors) into `model`, strictly."
     from safetensors.torch import load_model as load_safetensors_model
     f = Path(folder) / WEIGHTS_NAME
     if not f.exists(): raise CheckpointFileMissingError(f"{folder}: no {WEIGHTS_NAME} (not a vlmlab checkpoint-N/ folder)")
-    verify_checkpoint(folder, require_marker=True)
+    if verify: verify_checkpoint(folder, require_marker=True)
     try: missing, unexpected = load_safetensors_model(model, str(f), strict=False)
     except Exception as e:   # safetensors raises its own error type, without the file name
         raise CheckpointError(f"{f}: cannot be read as safetensors ({str(e).splitlines()[0][:200]})") from None
@@ -640,7 +628,7 @@ class BBUTrainer(Trainer):
             diff = _trainable_diff(json.loads(sig.read_text(encoding='utf-8')), self._trainable_signature())
             if diff: raise CheckpointError(f"{folder}: the trainable set changed since this checkpoint: {diff}. Resume with the "
                                            "checkpoint's stage and LoRA settings, or start a new run (--overwrite, or another training.output_dir)")
-        load_checkpoint_weights(self.accelerator.unwrap_model(model if model is not None else self.model), folder)
+        load_checkpoint_weights(self.accelerator.unwrap_model(model if model is not None else self.model), folder, verify=False)   # verified above
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         try: return super()._load_optimizer_and_scheduler(checkpoint)
@@ -787,7 +775,7 @@ def run_files(output_dir: str | Path, # a training output folder
     if not d.is_dir(): return []
     out = []
     for p in sorted(d.iterdir()):
-        if re.fullmatch(r'checkpoint-\d+', p.name) or p.name in ('final', 'metrics.json', 'ablation.json', 'tensorboard'): out.append(p)
+        if re.fullmatch(r'checkpoint-\d+', p.name) or (p.name in RUN_FILES and p.name != 'report'): out.append(p)
         elif p.name == 'report' and (p.is_symlink() or (p / 'index.html').is_file()): out.append(p)   # a report/ of our own only
         elif re.fullmatch(r'\.final\.(tmp|old)-\d+', p.name): out.append(p)   # an export cut short
     return out
