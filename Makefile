@@ -86,3 +86,10 @@ reliability-report: $(VENV)/.dev
 .PHONY: docs
 docs: $(VENV)/.dev
 	$(BIN)/python tools/docs.py --out _docs
+
+# The prepared GPU check (benchmarks/gpu_check.py): on a GPU, packed == solo in bf16 per family and attention, packed vs
+# padded tokens/s and peak memory at a real model size (LoRA and full), the trainer page's `gpu` cells; results to
+# benchmarks/results/gpu.json. Without a GPU it says so and dry-runs the same code on CPU (make test runs that).
+.PHONY: gpu-check
+gpu-check: $(VENV)/.dev
+	$(BIN)/python benchmarks/gpu_check.py

@@ -101,3 +101,4 @@ def set_threads(n: int | None) -> None:
     if n:
         import torch
         torch.set_num_threads(n)
+

@@ -26,11 +26,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = {'packing': ('bench_packing', 'packing efficiency and collation throughput vs padding / TRL BFD / '
                                            'DataCollatorWithFlattening / the lower bound'),
-              'train_packing': ('bench_train_packing', 'training tokens/s, packed vs padded, tiny Qwen2.5-VL'),
+              'train_packing': ('bench_train_packing', 'training tokens/s and peak memory, packed vs padded: tiny, mid_512x4, hybrid Qwen3.5'),
               'trainer': ('bench_trainer', 'BBUTrainer overhead vs a plain transformers Trainer'),
               'convert': ('bench_convert', 'conversion throughput vs bare PIL')}
-NOT_RUN = ('bench_detection.py (held-out detection quality against trivial baselines, not a speed ratio; its 1,500 training steps '
-           'took 155 s when it was last run) runs on its own and writes results/detection.json.')
+NOT_RUN = ('bench_detection.py (held-out detection quality against trivial baselines, not a speed ratio; 1,500 training steps '
+           'through BBUTrainer) runs on its own and writes results/detection.json with its own training time; gpu_check.py '
+           '(`make gpu-check`) needs a GPU and writes results/gpu.json.')
 
 
 def run_all(quick: bool, only: list[str] | None = None, threads: int | None = 1) -> dict:

@@ -195,7 +195,7 @@ def test_token_notations_stay_byte_identical(case, fam, space):
 
 def test_qwen2_vl_token_answer_round_trips_through_chat_and_detection():
     from vlmlab.chat import grounding_text
-    from vlmlab.detection import parse_grounding
+    from vlmlab.inference import parse_grounding
     rng = np.random.default_rng(0)
     for _ in range(50):
         size = tuple(int(v) for v in rng.integers(56, 1500, 2))

@@ -102,3 +102,14 @@ def test_every_notebook_is_in_the_sidebar():
     missing = sorted(p.name for p in NBS.glob('*.ipynb') if not p.name.startswith(('_', '.')) and p.name not in listed)
     assert not missing, f"nbs/sidebar.yml does not list {missing}: the docs sidebar would put them last"
     assert sidebar_notebooks(NBS)[0].name == 'index.ipynb' and 'bug_index.ipynb' in listed
+
+
+def test_rows_are_in_order():
+    "Every table of the index lists its rows by number, and no number is used twice."
+    seen = []
+    for t in tables(markdown_of(BUG_INDEX)):
+        if '#' not in t['header']: continue
+        nums = [int(r['#']) for r in t['rows']]
+        assert nums == sorted(nums), f"table under {t['heading']!r} is out of order: {nums}"
+        seen += nums
+    assert len(seen) == len(set(seen)) and len(seen) > 50, f"row numbers repeat or are missing: {sorted(seen)}"

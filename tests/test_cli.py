@@ -467,3 +467,33 @@ def test_convert_with_no_inputs_leaves_the_split_alone(vlmlab_bin, tmp_path):
     r = run(vlmlab_bin, 'convert', str(tmp_path / 'empty'), '--out', str(out), '--quiet')
     assert r.returncode == 2 and 'no annotation inputs' in r.stderr and str(tmp_path / 'empty') in r.stderr and r.stderr.count('\n') == 1
     assert {p: p.read_bytes() for p in out.rglob('*') if p.is_file()} == before
+
+
+def _split_with_a_near_copy(tmp_path) -> tuple[Path, str]:
+    "ds_output with a train split and a test split holding a resized JPEG copy of one training image; that image's id."
+    from PIL import Image
+    from vlmlab.data import make_shapes
+    raw, test = tmp_path / 'raw', tmp_path / 'raw_test'
+    make_shapes(raw, 8, 4, 0.0, 0.0); make_shapes(test, 3, 5, 0.0, 0.0)
+    src = next(p for p in sorted(raw.glob('*.json')) if json.loads(p.read_text())['image'].endswith('.png'))
+    d = json.loads(src.read_text())
+    im = Image.open(raw / d['image']).convert('RGB')
+    im.resize((im.width * 4 // 5, im.height * 4 // 5)).save(test / 'copy.jpg', quality=70)
+    d['image'], d['objects'] = 'copy.jpg', [dict(o, bbox=[int(v * 0.8) for v in o['bbox']]) for o in d['objects']]
+    (test / 'copy.json').write_text(json.dumps(d))
+    return raw, src.stem
+
+
+def test_validate_exits_1_on_a_near_duplicate_and_names_the_pair(vlmlab_bin, tmp_path):
+    raw, source = _split_with_a_near_copy(tmp_path)
+    ds = str(tmp_path / 'ds')
+    assert run(vlmlab_bin, 'convert', str(raw), '--out', ds, '--quiet').returncode == 0
+    assert run(vlmlab_bin, 'convert', str(tmp_path / 'raw_test'), '--out', ds, '--split', 'test', '--quiet').returncode == 0
+    r = run(vlmlab_bin, 'validate', '--data', ds, '--quiet')
+    leak = [l for l in r.stdout.splitlines() if 'near-duplicate image' in l]
+    assert r.returncode == 1 and len(leak) == 1 and leak[0].startswith('  LEAK'), r.stdout + r.stderr
+    assert 'test:copy' in leak[0] and f'train:{source}' in leak[0] and 'FAILED: 0 errors, 1 leaks' in r.stdout, r.stdout
+    r = run(vlmlab_bin, 'validate', '--data', ds, '--quiet', '--allow-near-duplicates')
+    assert r.returncode == 0 and '  WARN' in r.stdout and 'test:copy' in r.stdout and 'OK: 0 errors, 0 leaks, 1 warnings' in r.stdout, r.stdout
+    r = run(vlmlab_bin, 'validate', '--data', ds, '--quiet', '--near-duplicate-difference', '-1')
+    assert r.returncode == 2 and 'near_duplicate_difference must be >= 0' in r.stderr and r.stderr.count('\n') == 1, r.stderr

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from vlmlab.model import ConfigError, VLMLabConfig
+from vlmlab.config import ConfigError, VLMLabConfig
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / 'configs').glob('*.yaml'))
 

@@ -82,8 +82,11 @@ def test_ten_kinds_of_bad_input(tmp_path):
     (test_src / 'same_picture.json').write_text(json.dumps({'image': 'same_picture.png', 'objects': good}))
     convert(test_src, out, SPEC, split='test', progress=False)
     rep = validate(out, SPEC, progress=False)
-    assert rep.leaks == ["train:ok has the same image bytes as test:same_picture"] or \
-           rep.leaks == ["test:same_picture has the same image bytes as train:ok"]
+    exact, near = rep.leaks[:1], rep.leaks[1:]
+    assert exact == ["train:ok has the same image bytes as test:same_picture"] or \
+           exact == ["test:same_picture has the same image bytes as train:ok"]
+    # the CMYK input is the same scene in other bytes: a near-duplicate of the test picture (the byte copy is not named twice)
+    assert len(near) == 1 and near[0].startswith('test:same_picture and train:cmyk have near-duplicate images'), rep.leaks
 
 
 def test_orientation_6_boxes_land_on_the_object(tmp_path):
@@ -180,3 +183,37 @@ def test_validate_refuses_paths_escaping_ds_output(tmp_path):
         (out / 'train.jsonl').write_text(json.dumps(dict(rec, image=bad)) + '\n')
         rep = validate(out, SPEC, progress=False)
         assert not rep.ok and 'must be relative to ds_output/' in rep.errors[0]
+
+
+def _near_copy(raw_dir: Path, dst: Path, scale: float = 0.8) -> str:
+    "Write into `dst` a resized JPEG copy (other bytes, same picture) of the first PNG image of `raw_dir`; its source's id."
+    src = next(p for p in sorted(raw_dir.glob('*.json')) if isinstance(d := json.loads(p.read_text()), dict) and d['image'].endswith('.png'))
+    d = json.loads(src.read_text())
+    im = Image.open(raw_dir / d['image']).convert('RGB')
+    im.resize((int(im.width * scale), int(im.height * scale))).save(dst / 'copy.jpg', quality=70)
+    d['image'], d['objects'] = 'copy.jpg', [dict(o, bbox=[int(v * scale) for v in o['bbox']]) for o in d['objects']]
+    (dst / 'copy.json').write_text(json.dumps(d))
+    return src.stem
+
+
+def test_validate_fails_on_a_near_duplicate_image_across_splits_naming_both(tmp_path):
+    make_shapes(tmp_path / 'raw', n=16, seed=2, old_format=0)
+    convert(tmp_path / 'raw', tmp_path / 'ds', SPEC, progress=False)
+    make_shapes(tmp_path / 'raw_test', n=6, seed=9, old_format=0)
+    convert(tmp_path / 'raw_test', tmp_path / 'ds', SPEC, split='test', progress=False)
+    clean = validate(tmp_path / 'ds', SPEC, progress=False)
+    assert clean.ok and clean.leaks == [] and clean.warnings == [], str(clean)   # control: distinct images are no leak
+    source = _near_copy(tmp_path / 'raw', tmp_path / 'raw_test')
+    convert(tmp_path / 'raw_test', tmp_path / 'ds', SPEC, split='test', progress=False)
+    rep = validate(tmp_path / 'ds', SPEC, progress=False)
+    assert not rep.ok and len(rep.leaks) == 1 and not rep.errors, str(rep)
+    assert 'near-duplicate image' in rep.leaks[0] and 'test:copy' in rep.leaks[0] and f'train:{source}' in rep.leaks[0]
+    assert f'LEAK  {rep.leaks[0]}' in str(rep) and 'FAILED' in str(rep)
+    allowed = validate(tmp_path / 'ds', SPEC, progress=False, allow_near_duplicates=True)
+    assert allowed.ok and allowed.leaks == [] and allowed.warnings == [rep.leaks[0] + ' (allowed)'] and 'WARN' in str(allowed)
+    strict = validate(tmp_path / 'ds', SPEC, progress=False, near_duplicate_difference=0.0)
+    assert strict.ok, str(strict)   # a threshold no re-encoded copy meets: the pair is no longer a copy
+    unopened = validate(tmp_path / 'ds', SPEC, check_images=False, progress=False)
+    assert unopened.ok and unopened.warnings == ['near-duplicate images across splits not checked (images not opened)']
+    with pytest.raises(ValueError, match='near_duplicate_difference must be >= 0'):
+        validate(tmp_path / 'ds', SPEC, progress=False, near_duplicate_difference=-1)

@@ -6,8 +6,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vlmlab.detection import (DetectionHead, DetectionLoss, GroundingParseError, HungarianMatcher, box_cxcywh_to_xyxy,
-                              box_xyxy_to_cxcywh, evaluate_detections, generalized_box_iou, parse_grounding, sigmoid_focal_loss)
+from vlmlab.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, generalized_box_iou
+from vlmlab.detection import DetectionHead
+from vlmlab.detection_loss import DetectionLoss, HungarianMatcher, sigmoid_focal_loss
+from vlmlab.evaluation import evaluate_detections
+from vlmlab.inference import GroundingParseError, parse_grounding
 
 COORD = st.floats(-2, 3, allow_nan=False, width=32)
 BOXES = st.lists(st.tuples(COORD, COORD, COORD, COORD), min_size=1, max_size=6)
@@ -103,7 +106,7 @@ def test_evaluator_perfect_and_empty():
 
 def _num_boxes_worker(rank, world, port, out):
     import torch.distributed as dist
-    from vlmlab.detection import num_boxes_global
+    from vlmlab.detection_loss import num_boxes_global
     dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=world)
     try:
         targets = [{'boxes': torch.zeros(2 + 2 * rank, 4)}]          # rank 0: 2 boxes, rank 1: 4 boxes

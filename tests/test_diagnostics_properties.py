@@ -14,11 +14,11 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from vlmlab.data import make_shapes
-from vlmlab.diagnostics import (FROZEN_BELOW, GOLDILOCKS, UNSTABLE_ABOVE, NFMarkerError, check_nf_marker, compare_paired,
-                                diagnose_loss_curve, evaluate_checkpoints, find_near_duplicates, grad_norm_verdicts,
-                                group_norms, highlight_span, image_fingerprint, paired_bootstrap_ci, paired_power,
-                                paired_sample_size, span_iou, token_span_to_chars, update_ratio_class,
-                                update_ratio_verdicts, weight_snapshot)
+from vlmlab.diagnostics import (FROZEN_BELOW, GOLDILOCKS, UNSTABLE_ABOVE, compare_paired, diagnose_loss_curve,
+                                evaluate_checkpoints, find_near_duplicates, grad_norm_verdicts, group_norms,
+                                image_fingerprint, paired_bootstrap_ci, paired_power, paired_sample_size,
+                                update_ratio_class, update_ratio_verdicts, weight_snapshot)
+from vlmlab.spans import NFMarkerError, check_nf_marker, highlight_span, span_iou, token_span_to_chars
 
 # ---- loss curves: each detector flags its own shape, the healthy curve passes --------------------------------------
 # The domain is where the shape is identifiable from the data: per-point noise up to 3% and at least 150 points

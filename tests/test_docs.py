@@ -48,6 +48,38 @@ def test_no_new_cells_mix_imports_with_code():
     assert not new, f"cells mixing imports with other code (nbdev_docs would run them; put the imports in a cell of their own): {new}"
 
 
+MAX_EXPORT_LINES = 60        # one idea per export cell, then its lesson
+MAX_NOTEBOOK_BYTES = 400_000  # figures at a DPI that keeps every page light
+
+
+def export_cells_too_long(nb_path: Path) -> list[tuple[str, int]]:
+    "(cell id, lines) of every export cell longer than MAX_EXPORT_LINES."
+    cells = json.loads(nb_path.read_text(encoding='utf-8'))['cells']
+    out = []
+    for c in cells:
+        src = ''.join(c['source'])
+        if c['cell_type'] == 'code' and re.match(r'#\|\s*export', src):
+            n = len(src.splitlines())
+            if n > MAX_EXPORT_LINES: out.append((c.get('id', '?'), n))
+    return out
+
+
+def test_export_cells_hold_one_idea():
+    long = {p.name: v for p in sorted(NBS.glob('*.ipynb')) if (v := export_cells_too_long(p))}
+    assert not long, f"export cells over {MAX_EXPORT_LINES} lines (split them, one idea each): {long}"
+
+
+def test_notebooks_stay_light():
+    heavy = {p.name: p.stat().st_size for p in sorted(NBS.glob('*.ipynb')) if p.stat().st_size > MAX_NOTEBOOK_BYTES}
+    assert not heavy, f"notebooks over {MAX_NOTEBOOK_BYTES:,} bytes (save figures at a lower DPI): {heavy}"
+
+
+def test_the_length_rule_sees_a_long_cell(tmp_path):
+    nb = {'cells': [{'cell_type': 'code', 'id': 'x', 'source': ['#| export\n'] + ['a = 1\n'] * 70}]}
+    (tmp_path / 'n.ipynb').write_text(json.dumps(nb))
+    assert export_cells_too_long(tmp_path / 'n.ipynb') == [('x', 71)]
+
+
 @pytest.fixture(scope='module')
 def site(tmp_path_factory) -> Path:
     "The docs built into a temporary folder, the way `make docs` builds `_docs/`."

@@ -6,7 +6,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from vlmlab.data import convert, read_jsonl, record_images
-from vlmlab.model import VLMLabConfig
+from vlmlab.config import VLMLabConfig
 from vlmlab.tiny import tiny_kit
 from vlmlab.trainer import build_trainer
 from vlmlab.vision import ResizeSpec

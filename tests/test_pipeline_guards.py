@@ -1,5 +1,6 @@
 """Guards proven on the pages, fed their bad input through the pipeline a user runs: placeholders through ChatProcessor,
-the trainer's pre-flight and the text path; the loss balance through BBUTrainer into the console and metrics.json."""
+the trainer's pre-flight and the text path; the loss balance through BBUTrainer into the console and metrics.json;
+a held-out image that is a near-duplicate of a training image through `vlmlab train`."""
 import json
 import warnings
 from pathlib import Path
@@ -9,8 +10,9 @@ from PIL import Image
 
 from vlmlab.chat import ChatProcessor
 from vlmlab.data import convert, make_shapes, read_jsonl
-from vlmlab.detection import detect, text_predictions
-from vlmlab.model import ModelConfig, VLMLabConfig, load_model
+from vlmlab.inference import detect, text_predictions
+from vlmlab.checkpoints import load_model
+from vlmlab.config import ModelConfig, VLMLabConfig
 from vlmlab.tiny import tiny_kit
 from vlmlab.tokens import PlaceholderError
 from vlmlab.trainer import DataError, build_trainer, train_from_config
@@ -44,14 +46,18 @@ def proc_kit():
     return AutoTokenizer.from_pretrained(kit), AutoImageProcessor.from_pretrained(kit)
 
 
-def config(ds, out, detection=None, **training):
+def config_dict(ds, out, detection=None, **training) -> dict:
+    "A one-step grounding run of the tiny kit with its detection head, as the dict a YAML config holds."
     t = {'output_dir': str(out), 'max_steps': 1, 'per_device_batch_size': 4, 'logging_steps': 1, 'save_steps': 1000,
          'warmup_ratio': 0.0, **training}
     if detection: t['detection'] = detection
-    return VLMLabConfig.from_dict({
-        'model': {'name_or_path': f'tiny-kit/{FAM}', 'detection_head': True, 'head_d_model': 32, 'num_queries': 4},
-        'data': {'ds_output': str(ds), 'target': 'grounding'},
-        'stage': {'name': 'stage2', 'lrs': {'merger': 1e-3, 'llm': 1e-3, 'adapter': 1e-3, 'head': 1e-3}}, 'training': t})
+    return {'model': {'name_or_path': f'tiny-kit/{FAM}', 'detection_head': True, 'head_d_model': 32, 'num_queries': 4},
+            'data': {'ds_output': str(ds), 'target': 'grounding'},
+            'stage': {'name': 'stage2', 'lrs': {'merger': 1e-3, 'llm': 1e-3, 'adapter': 1e-3, 'head': 1e-3}}, 'training': t}
+
+
+def config(ds, out, detection=None, **training):
+    return VLMLabConfig.from_dict(config_dict(ds, out, detection, **training))
 
 
 def records(ds, split='train'):
@@ -151,3 +157,37 @@ def test_balanced_run_records_ok_without_a_warning(ds, tmp_path):
     assert not [x for x in w if 'caption loss' in str(x.message)]
     b = json.loads((tmp_path / 'w1' / 'metrics.json').read_text())['loss_balance']
     assert b['ok'] is True and b['warning'] is None and b['ratio'] <= b['threshold'] and m['log_history'][0]['loss_balance'] == 'ok'
+
+
+# ---- leakage: a near-duplicate held-out image stops `vlmlab train`
+
+def _heldout_with_a_near_copy(work: Path, ds: Path) -> str:
+    "Convert into `ds` a heldout split of distinct images plus a resized JPEG copy of one training image; that image's id."
+    raw, ho = work / 'raw', work / 'raw_heldout'
+    make_shapes(ho, n=3, seed=11, old_format=0, size_range=(112, 200), max_objects=2)
+    src = next(p for p in sorted(raw.glob('*.json')) if json.loads(p.read_text())['image'].endswith('.png'))
+    d = json.loads(src.read_text())
+    im = Image.open(raw / d['image']).convert('RGB')
+    im.resize((im.width * 4 // 5, im.height * 4 // 5)).save(ho / 'copy.jpg', quality=70)   # other bytes, same picture
+    d['image'], d['objects'] = 'copy.jpg', [dict(o, bbox=[int(v * 0.8) for v in o['bbox']]) for o in d['objects']]
+    (ho / 'copy.json').write_text(json.dumps(d))
+    convert(ho, ds, ResizeSpec.from_pretrained(tiny_kit(FAM)), split='heldout', progress=False)
+    return src.stem
+
+
+def test_a_near_duplicate_heldout_image_stops_vlmlab_train_naming_the_pair(tmp_path, capsys):
+    import yaml
+    from vlmlab import cli
+    ds = _convert(tmp_path)
+    source = _heldout_with_a_near_copy(tmp_path, ds)
+    cfg = tmp_path / 'run.yaml'
+    cfg.write_text(yaml.safe_dump(config_dict(ds, tmp_path / 'run')))
+    assert cli.main(['train', '--config', str(cfg), '--quiet']) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('vlmlab train: ') and err.count('\n') == 1 and 'does not pass validation' in err, err
+    assert 'near-duplicate image' in err and 'heldout:copy' in err and f'train:{source}' in err, err
+    assert not (tmp_path / 'run' / 'metrics.json').exists()   # stopped before a step
+    for f in ('copy.json', 'copy.jpg'): (tmp_path / 'raw_heldout' / f).unlink()   # control: the distinct held-out images train
+    convert(tmp_path / 'raw_heldout', ds, ResizeSpec.from_pretrained(tiny_kit(FAM)), split='heldout', progress=False)
+    assert cli.main(['train', '--config', str(cfg), '--quiet']) == 0
+    assert (tmp_path / 'run' / 'metrics.json').exists()

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from vlmlab.model import VLMLabConfig, stage_groups
+from vlmlab.config import VLMLabConfig
+from vlmlab.model import stage_groups
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from vlmlab.cli import main
 from vlmlab.data import convert, make_shapes
-from vlmlab.model import VLMLabConfig
+from vlmlab.config import VLMLabConfig
 from vlmlab.report import ABLATION_FORMAT, REPORT_PANELS, load_ablation, write_report
 from vlmlab.tiny import tiny_kit
 from vlmlab.trainer import train_from_config
@@ -223,16 +223,14 @@ def test_plateau_says_nothing_trains_when_the_step_confirms_it(tmp_path):
 
 def test_eval_loader_names_a_missing_folder_without_the_hub(tmp_path, monkeypatch):
     import huggingface_hub
-    from vlmlab.model import ModelNotFoundError
-    from vlmlab.report import load_eval_model
+    from vlmlab.checkpoints import ModelNotFoundError, load_eval_model
     def no_hub(*a, **k): raise AssertionError('the Hub was called for a local path')
     for name in ('hf_hub_download', 'snapshot_download'): monkeypatch.setattr(huggingface_hub, name, no_hub)
     with pytest.raises(ModelNotFoundError, match='no such model folder'): load_eval_model(tmp_path / 'nope' / 'final')
 
 
 def test_eval_loader_refuses_a_corrupted_export(work, tmp_path):
-    from vlmlab.model import CheckpointError
-    from vlmlab.report import load_eval_model
+    from vlmlab.checkpoints import CheckpointError, load_eval_model
     final = tmp_path / 'final'
     shutil.copytree(work / 'run' / 'final', final)
     f = max(final.glob('*.safetensors'), key=lambda p: p.stat().st_size)
@@ -276,7 +274,8 @@ def _shows_left_out(run: Path, rec: dict) -> None:
 
 def test_ablation_records_and_shows_the_items_it_left_out(mixed_heldout):
     from vlmlab.diagnostics import connector_ablation
-    from vlmlab.report import ablation_record, heldout_samples, load_eval_model, save_ablation
+    from vlmlab.checkpoints import load_eval_model
+    from vlmlab.report import ablation_record, heldout_samples, save_ablation
     run = mixed_heldout / 'run'
     ho = heldout_samples(KIT, mixed_heldout / 'ds', n=7, target='conversation')
     assert len(ho.samples) == 7 and ho.ablated_ids == ['one-0', 'one-1', 'one-2', 'one-3']

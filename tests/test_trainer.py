@@ -14,10 +14,12 @@ import yaml
 from transformers import TrainerCallback
 
 from vlmlab.data import convert, make_shapes
-from vlmlab.model import TrainableSetError, VLMLabConfig
+from vlmlab.checkpoints import checkpoint_complete, last_good_checkpoint
+from vlmlab.config import VLMLabConfig
+from vlmlab.model import TrainableSetError
 from vlmlab.tiny import tiny_kit
-from vlmlab.trainer import (BBUTrainer, NonFiniteError, TrainingCollator, build_trainer, checkpoint_complete, last_good_checkpoint)
-from vlmlab.detection import lm_loss_terms
+from vlmlab.trainer import BBUTrainer, NonFiniteError, TrainingCollator, build_trainer
+from vlmlab.lm_loss import lm_loss_terms
 from vlmlab.vision import ResizeSpec
 
 TERMS = ('loss', 'lm_loss', 'teacher_lm_loss', 'student_lm_loss', 'detection_loss', 'bbox_l1', 'bbox_giou', 'objectness', 'caption')
@@ -148,7 +150,7 @@ def test_fp16_warns(ds, tmp_path):
 
 def test_incomplete_checkpoint_is_never_last(tmp_path):
     from safetensors.torch import save_file
-    from vlmlab.trainer import _write_marker
+    from vlmlab.checkpoints import _write_marker
     (tmp_path / 'checkpoint-4').mkdir()
     save_file({'w': torch.ones(8)}, str(tmp_path / 'checkpoint-4' / 'vlmlab_model.safetensors'))
     assert last_good_checkpoint(tmp_path) is None   # no marker yet: the save did not finish
@@ -251,7 +253,7 @@ def test_evaluation_split_and_merged_lora_export(ds, tmp_path):
     "An eval split runs through compute_loss, and a LoRA run's export loads with from_pretrained and computes what the trainer's model does."
     from transformers import AutoModelForImageTextToText
     from vlmlab.collators import model_inputs
-    from vlmlab.trainer import export_model
+    from vlmlab.checkpoints import export_model
     cfg = config(ds, tmp_path / 'run', max_steps=3)
     cfg.data.eval_split, cfg.stage.lora, cfg.stage.lora_r = 'train', True, 4
     tr = trained_and_evaluated(cfg)
@@ -357,3 +359,65 @@ def test_num_items_in_batch_not_passed_stops_the_first_window(ds, tmp_path, monk
     monkeypatch.setattr(Trainer, '_get_num_items_in_batch', lambda self, batches, device: None)
     with pytest.raises(TrainerHookError, match=r"counted num_items_in_batch = None, not the \d+ label tokens .*exact gradient accumulation"):
         tr.train()
+
+
+def test_a_lora_checkpoint_stores_its_settings_and_loads_back(ds, tmp_path):
+    "A LoRA run's checkpoint holds vlmlab_lora.json; the eval loader rebuilds those adapters and computes what the trained model does."
+    from vlmlab.checkpoints import LORA_SETTINGS, load_eval_model
+    from vlmlab.collators import model_inputs
+    from vlmlab.model import LORA_TARGETS
+    cfg = config(ds, tmp_path / 'run', max_steps=2, save_steps=2)
+    cfg.stage.lora, cfg.stage.lora_r = True, 4
+    tr = build_trainer(cfg, progress=False); tr.train()
+    ck = tmp_path / 'run' / 'checkpoint-2'
+    s = json.loads((ck / LORA_SETTINGS).read_text())
+    assert (s['r'], s['alpha'], s['target_modules']) == (4, 8, LORA_TARGETS), s
+    assert checkpoint_complete(ck) and LORA_SETTINGS in json.loads((ck / 'vlmlab_complete.json').read_text())['files']
+    batch = TrainingCollator(tr.model.tokenizer)([tr.train_dataset[i] for i in range(2)])
+    inputs = {k: v for k, v in model_inputs(batch).items() if k != 'labels'}
+    with torch.no_grad():
+        want = tr.model.vlm.eval()(**inputs).logits
+        got = load_eval_model(ck).vlm(**inputs).logits
+    assert (got - want).abs().max().item() < 1e-5
+
+
+def test_an_older_lora_checkpoint_is_refused_until_its_settings_are_added(ds, tmp_path):
+    "Without vlmlab_lora.json a LoRA checkpoint is refused by evaluation and by resume, naming the file; add_lora_settings mends it."
+    from vlmlab.checkpoints import LORA_SETTINGS, CheckpointFileMissingError, _write_marker, add_lora_settings, load_eval_model
+    from vlmlab.trainer import train_from_config
+    cfg = config(ds, tmp_path / 'run', max_steps=2, save_steps=2)
+    cfg.stage.lora, cfg.stage.lora_r = True, 4
+    train_from_config(cfg, progress=False)
+    ck = tmp_path / 'run' / 'checkpoint-2'
+    (ck / LORA_SETTINGS).unlink(); _write_marker(ck, 2)   # the folder as a vlmlab that did not store the settings left it
+    with pytest.raises(CheckpointFileMissingError, match=f'{LORA_SETTINGS}: missing.*never guessed.*add_lora_settings'):
+        load_eval_model(ck)
+    cfg.training.max_steps = 3
+    with pytest.raises(CheckpointFileMissingError, match=f'checkpoint-2/{LORA_SETTINGS}: missing'):
+        train_from_config(cfg, resume=True, progress=False)
+    add_lora_settings(ck, r=4, alpha=8)
+    assert checkpoint_complete(ck)
+    res = train_from_config(cfg, resume=True, progress=False)
+    assert res['resumed_from'] == str(ck) and max(h['step'] for h in res['log_history'] if 'loss' in h) == 3
+
+
+def test_a_checkpoint_in_the_layout_written_before_the_checkpoints_module_still_loads(ds, tmp_path):
+    "A checkpoint-N/ laid out file by file as BBUTrainer._save wrote it before (no LoRA) loads into resume and evaluation alike."
+    from safetensors.torch import save_model
+    from vlmlab.checkpoints import COMPLETE_MARKER, TRAINER_WEIGHTS, _write_marker, load_checkpoint_weights, load_eval_model, load_model
+    tr = build_trainer(config(ds, tmp_path / 'run', max_steps=1), progress=False); tr.train()
+    m = tr.model
+    ck = tmp_path / 'old' / 'checkpoint-1'; ck.mkdir(parents=True)
+    save_model(m, str(ck / TRAINER_WEIGHTS))                     # the module's state dict, as the old _save wrote it
+    m.vlm.config.save_pretrained(ck); m.tokenizer.save_pretrained(ck); m.image_processor.save_pretrained(ck)
+    torch.save(tr.args, ck / 'training_args.bin')
+    _write_marker(ck, 1)
+    assert sorted(p.name for p in ck.iterdir()) == sorted(['chat_template.jinja', 'config.json', 'preprocessor_config.json', 'tokenizer.json',
+                                                           'tokenizer_config.json', 'training_args.bin', TRAINER_WEIGHTS, COMPLETE_MARKER])
+    fresh = load_model(config(ds, tmp_path / 'x').model)
+    load_checkpoint_weights(fresh, ck)
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), fresh.state_dict().values()))
+    ids = m.tokenizer('a red square', return_tensors='pt')['input_ids']
+    with torch.no_grad():
+        diff = (load_eval_model(ck).vlm(input_ids=ids).logits - m.vlm.eval()(input_ids=ids).logits).abs().max().item()
+    assert diff < 1e-6, diff

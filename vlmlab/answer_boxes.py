@@ -34,6 +34,7 @@ def _value(item: str) -> float:
     "The number an item spells (nan where it spells none)."
     return float(item) if _NUMBER.fullmatch(item) or _NONFINITE.fullmatch(item) else math.nan
 
+# %% ../nbs/01a_answer_boxes.ipynb #01a-answer-boxes-006a
 @dataclass(frozen=True)
 class AnswerBox:
     "One box, point or quad found in an answer text: where it is, its numbers as written, how it was written."
@@ -147,6 +148,7 @@ def _label_near(text: str, a: int, b: int) -> str | None:
     m = re.search(r'["\']?(?:label|name|category|class|desc|description)["\']?\s*:\s*(["\'])(.*?)(?<!\\)\1', text[lo:hi])
     return m.group(2) if m else None
 
+# %% ../nbs/01a_answer_boxes.ipynb #01a-answer-boxes-010a
 def _key_boxes(text: str) -> list[AnswerBox]:
     "Lists after a box-like key: JSON and Python mappings (quoted key), `bbox: [...]`, `the bbox is [...]`."
     out = []
@@ -181,6 +183,7 @@ def _key_boxes(text: str) -> list[AnswerBox]:
                              fault=f"a mapping {text[m.end() - 1:b][:40]!r}, not a list of coordinates"))
     return out
 
+# %% ../nbs/01a_answer_boxes.ipynb #01a-answer-boxes-010b
 _FRACTION = r'(?:0?\.\d+|[01](?:\.\d*)?)'
 _REL1_LIST = re.compile(r'\[\s*' + r'\s*,\s*'.join([f'({_FRACTION})'] * 4) + r'\s*\]')
 _OTHER_KEY = re.compile(r'["\']?[\w ]+["\']?\s*[:=]\s*$')

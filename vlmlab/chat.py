@@ -23,6 +23,7 @@ from PIL import Image, ImageDraw
 from .tokens import (ENDOFTEXT, IMAGE_PAD, IM_END, IM_START, OBJECT_REF_START, OBJECT_REF_END, BOX_START, BOX_END,
                            VISION_START, VISION_END, VIDEO_PAD, VISION_PAD, PlaceholderError, assert_no_placeholders, chatml_segments,
                            image_token_count, mm_token_type_ids)
+from .families import DEFAULT_FAMILY, family_record
 from .vision import ResizeSpec, assert_image_tokens, boxes_to_model, load_image
 from .data import record_images, resolve_inside
 from .answer_boxes import AnswerBox, find_answer_boxes
@@ -42,7 +43,7 @@ def grounding_text(objects: Sequence[dict], # record objects: {'bbox': xyxy resi
                   ) -> str:
     "The grounding answer for `objects` as the family writes it."
     boxes = boxes_to_model([o['bbox'] for o in objects], size, family) if objects else []
-    if family == 'qwen2_vl':
+    if family_record(family).box_format == 'ref_box_tokens':
         return ''.join(f"{OBJECT_REF_START}{o['label']}{OBJECT_REF_END}{BOX_START}({b[0]},{b[1]}),({b[2]},{b[3]}){BOX_END}"
                        for o, b in zip(objects, boxes)) or 'None'
     return json.dumps([{'bbox_2d': b, 'label': o['label']} for o, b in zip(objects, boxes)], ensure_ascii=False)  # labels as written
@@ -282,6 +283,12 @@ class ChatProcessor:
         ids, offsets = enc['input_ids'], enc['offset_mapping']
         starts = [r[0] for r in ranges]
         roles = [ranges[max(0, np.searchsorted(starts, a, side='right') - 1)][2] for a, _ in offsets]
+        last_roles = [ranges[max(0, np.searchsorted(starts, max(a, b - 1), side='right') - 1)][2] for a, b in offsets]
+        if (k := next((k for k, (r, q) in enumerate(zip(roles, last_roles)) if (r in LABEL_KIND) != (q in LABEL_KIND)), None)) is not None:
+            a, b = offsets[k]
+            raise ChatError(f"sample {sid!r}: token {k} ({text[a:b]!r}) lies across the edge of an answer: the tokenizer merges the "
+                            "answer's first or last characters with the markup beside it, so no label can be exactly the answer "
+                            "(an answer that starts with a newline, under a template that does not trim): strip the answer")
         pieces = [text[a:b] for a, b in offsets]
         truncated = 0
         if len(ids) > self.max_length:
@@ -320,11 +327,11 @@ class ChatProcessor:
 def check_vision_parts(record: dict, # the record the messages come from (named in errors)
                        messages: Sequence[dict], # the messages of its example
                        images: Sequence[dict], # its image entries (`record_images`), in placeholder order
-                       family: str = 'qwen2_vl', # model family whose renderer places the images
+                       family: str = DEFAULT_FAMILY, # model family whose renderer places the images
                       ) -> None:
-    "Refuse messages whose image parts are not the record's images one to one, or are videos or sit in a system turn."
+    "Refuse messages whose image parts are not the record's images one to one, are videos, or sit in a system or assistant turn."
     sid = record.get('id')
-    try: segs = chatml_segments(messages, family)   # the renderer's own reading of the parts (also {'image': ...}, {'image_url': ...})
+    try: segs = chatml_segments(messages, family)   # the renderer's own reading of the parts; it refuses what the family's template refuses
     except (TypeError, ValueError) as e: raise ChatError(f"sample {sid!r}: {e}") from None
     vis = [s for s in segs if s.kind in ('image', 'video')]
     if (v := next((s for s in vis if s.kind == 'video'), None)):
@@ -334,12 +341,15 @@ def check_vision_parts(record: dict, # the record the messages come from (named 
         raise ChatError(f"sample {sid!r}: its messages hold {len(vis)} image part(s) but the record has {len(images)} image(s); "
                         "every stored image needs exactly one {'type': 'image'} part, in the same order")
     if (v := next((s for s in vis if s.role == 'system'), None)):
-        raise ChatError(f"sample {sid!r}: image {v.index + 1} is in the system message; Qwen3-VL's chat template refuses that and "
-                        "the others would show it before every conversation: move it into a user message")
+        raise ChatError(f"sample {sid!r}: image {v.index + 1} is in the system message; the Qwen3-VL and Qwen3.5 chat templates refuse "
+                        "that and the others would show it before every conversation: move it into a user message")
+    if (v := next((s for s in vis if s.role == 'assistant'), None)):
+        raise ChatError(f"sample {sid!r}: image {v.index + 1} is in an assistant turn (message {v.message}); an answer cannot be "
+                        "trained to produce an image, and its image tokens would sit between the answer's targets: move it into "
+                        "the user message before the answer")
     if record.get('objects') and len(images) != 1:
         raise ChatError(f"sample {sid!r}: {len(record['objects'])} grounding objects on {_shape(len(images))}; objects are boxes in "
                         "one image and exist only for one-image records: drop them, or split the record into one-image records")
-
 
 # %% ../nbs/03_chat.ipynb #03-chat-013
 ROLE_COLORS = {'prompt': '#eeeeee', 'image': '#f6d28b', 'teacher': '#a8d8ff', 'student': '#9fe3a4', 'pad': '#ffffff'}

@@ -22,6 +22,7 @@ from fastcore.docments import docments
 
 from . import __version__
 from .doctor import doctor_json, doctor_report, run_doctor
+from .families import DEFAULT_FAMILY, FAMILIES
 
 # %% auto #0
 __all__ = ['COMMANDS', 'FLAG_NAMES', 'DEPRECATED_FLAGS', 'INPUT_FLAGS', 'command', 'HiddenAliasFormatter', 'CommandParser',
@@ -80,6 +81,7 @@ class CommandParser(argparse.ArgumentParser):
             if getattr(a, 'deprecated', ()): message = message.replace(n, a.option_strings[0])
         self.exit(2, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
 
+# %% ../nbs/90_cli.ipynb #90-cli-041a
 def command_parser(f: Callable, # a function with type hints and docments
                    parser: argparse.ArgumentParser | None = None, # parser to fill (default: a new one)
                   ) -> argparse.ArgumentParser:
@@ -144,7 +146,7 @@ def doctor(*,
           ) -> int:
     "Check the environment before a run: versions, torch import, devices, writable directories, model tokens."
     if model:
-        from vlmlab.model import resolve_model_path   # a missing folder: one line, exit 2 (this imports torch before the doctor's probe)
+        from vlmlab.checkpoints import resolve_model_path   # a missing folder: one line, exit 2 (this imports torch before the doctor's probe)
         model = resolve_model_path(model)
     checks = run_doctor(out, cache_dir, model, timeout)
     print(doctor_json(checks) if as_json else doctor_report(checks))
@@ -154,7 +156,7 @@ def doctor(*,
 @command(deprecated={'raw': ('--data',)})
 def demo(*,
          out: str = 'runs', # the demo writes OUT/demo (checked by the doctor first)
-         model: str = 'tiny-kit/qwen2_5_vl', # the model to start from: tiny-kit/<family>, a folder or a hub id (real models: on a GPU)
+         model: str = f'tiny-kit/{DEFAULT_FAMILY}', # the model to start from: tiny-kit/<family>, a folder or a hub id (real models: on a GPU)
          raw: str = None, # a raw annotation folder (JSON + images) to convert instead of the synthetic shapes
          align_steps: int = 300, # optimizer steps of the caption (alignment) run
          grounding_steps: int = 2000, # optimizer steps of the grounding + detection head run
@@ -165,13 +167,13 @@ def demo(*,
          quiet: bool = False, # no progress bars
         ) -> int:
     "Run the end-to-end demo: data, alignment and grounding runs, evaluation, connector ablation and HTML reports."
-    if model.startswith('tiny-kit/') and model.split('/', 1)[1] not in ('qwen2_vl', 'qwen2_5_vl', 'qwen3_vl'):
-        raise ValueError(f"unknown --model {model!r}; the tiny kit has tiny-kit/qwen2_vl, tiny-kit/qwen2_5_vl and tiny-kit/qwen3_vl")
+    if model.startswith('tiny-kit/') and model.split('/', 1)[1] not in FAMILIES:
+        raise ValueError(f"unknown --model {model!r}; tiny-kit/<family> takes a family: {', '.join(FAMILIES)}")
     if raw is not None and not Path(raw).is_dir():
         raise FileNotFoundError(f"--raw {raw}: no such folder (raw annotation JSON files with their images)")
     if min(align_steps, grounding_steps) < 1 or n_heldout < 2:
         raise ValueError("--align-steps and --grounding-steps must be >= 1 and --n-heldout >= 2")
-    from vlmlab.model import resolve_model_path
+    from vlmlab.checkpoints import resolve_model_path
     resolve_model_path(model)   # a missing model folder fails here, before the doctor and the data
     rc = doctor(out=out)
     if rc: return rc
@@ -186,15 +188,15 @@ def demo(*,
     return 0 if not failed else 1
 
 # %% ../nbs/90_cli.ipynb #90-cli-010
-def resize_spec(family: str | None = None, # model family (default with no model: qwen2_5_vl)
+def resize_spec(family: str | None = None, # model family (default with no model: DEFAULT_FAMILY)
                 model: str | None = None, # a model whose config and image processor fix the spec
                 min_pixels: int | None = None, # with a family: its min_pixels; with a model: must equal the model's
                 max_pixels: int | None = None, # with a family: its max_pixels; with a model: must equal the model's
                ):
     "The `ResizeSpec` the data commands use: the model's own (options given with it must agree), or the family's."
-    from vlmlab.model import resolve_model_path
+    from vlmlab.checkpoints import resolve_model_path
     from vlmlab.vision import ResizeSpec
-    if not model: return ResizeSpec.for_family(family or 'qwen2_5_vl', min_pixels, max_pixels)
+    if not model: return ResizeSpec.for_family(family or DEFAULT_FAMILY, min_pixels, max_pixels)
     spec = ResizeSpec.from_pretrained(resolve_model_path(model))
     given = {'--family': (family, spec.family), '--min-pixels': (min_pixels, spec.min_pixels), '--max-pixels': (max_pixels, spec.max_pixels)}
     clash = [f"{k} {v} (the model's: {m})" for k, (v, m) in given.items() if v is not None and v != m]
@@ -209,9 +211,10 @@ def model_tokenizer(model: str | None = None, # a model folder, tiny-kit/<family
     "The model's own tokenizer (its added tokens are refused in data texts), or None without a model."
     if not model: return None
     from transformers import AutoTokenizer
-    from vlmlab.model import resolve_model_path
+    from vlmlab.checkpoints import resolve_model_path
     return AutoTokenizer.from_pretrained(resolve_model_path(model))
 
+# %% ../nbs/90_cli.ipynb #90-cli-010a
 def _rejected_line(summary, # the ConversionSummary of a conversion that wrote nothing
                    rejects: Path, # its {split}.rejects.jsonl
                    top: int = 3, # reasons named
@@ -252,6 +255,7 @@ def clean_raw_json(folder: str, # folder of raw annotation JSON files to migrate
     print(f"{folder}: {counts['migrated']} migrated, {counts['current']} already current, {counts['failed']} could not be migrated")
     return 0 if counts['failed'] == 0 else 1
 
+# %% ../nbs/90_cli.ipynb #90-cli-010b
 @command
 def convert(input: str, # raw JSON folder or file, LLaVA JSON, or COCO JSON
             *,
@@ -283,6 +287,7 @@ def convert(input: str, # raw JSON folder or file, LLaVA JSON, or COCO JSON
     if summary.rejected: print(f"reasons for each rejected input: {rejects}")
     return 1 if strict and summary.rejected else 0
 
+# %% ../nbs/90_cli.ipynb #90-cli-010c
 @command(deprecated={'data': ('--out', '--out-dir')})
 def validate(*,
              data: str = 'ds_output', # the converted data folder to check (what `convert --out` wrote)
@@ -290,15 +295,18 @@ def validate(*,
              model: str = None, # checkpoint the data will train: records must carry its resize fingerprint, texts none of its tokenizer's added tokens
              min_pixels: int = None, # with --family: the processor's min_pixels
              max_pixels: int = None, # with --family: the processor's max_pixels
-             skip_images: bool = False, # do not open the images (no size / hash check)
+             skip_images: bool = False, # do not open the images (no size / hash check, no near-duplicate check)
+             allow_near_duplicates: bool = False, # near-duplicate images across splits are warnings, not failures
+             near_duplicate_difference: float = 3.0, # largest mean pixel difference (0-255) of two images that counts as a copy
              quiet: bool = False, # no progress bar
             ) -> int:
-    "Check converted data: schema, boxes, paths inside ds_output/, resize fingerprints, train/test leakage."
+    "Check converted data: schema, boxes, paths inside ds_output/, resize fingerprints, train/test leakage (near-duplicates too)."
     from vlmlab.data import validate as _validate
     if (min_pixels or max_pixels) and not (family or model):
         raise ValueError("--min-pixels / --max-pixels need --family (or --model, which fixes them): alone they would check nothing")
     spec = resize_spec(family, model, min_pixels, max_pixels) if (family or model) else None
-    report = _validate(data, spec, not skip_images, not quiet, tokenizer=model_tokenizer(model))
+    report = _validate(data, spec, not skip_images, not quiet, tokenizer=model_tokenizer(model),
+                       allow_near_duplicates=allow_near_duplicates, near_duplicate_difference=near_duplicate_difference)
     print(report)
     return 0 if report.ok else 1
 
@@ -322,7 +330,7 @@ def train(*,
           quiet: bool = False, # no progress bars
          ) -> int:
     "Train from a config: pre-flight checks, then checkpoints, TensorBoard logs and metrics.json in the output folder."
-    from vlmlab.model import VLMLabConfig
+    from vlmlab.config import VLMLabConfig
     from vlmlab import trainer
     from vlmlab.trainer import train_from_config, NonFiniteError
     if resume and overwrite:
@@ -355,7 +363,7 @@ def report(run_dir: str, # a `vlmlab train` output folder (metrics.json, checkpo
            quiet: bool = False, # no progress bars
           ) -> int:
     "Write a run's self-contained HTML report: loss terms, gradient panels, ablation, truncation, pathologies, verdicts."
-    from vlmlab.model import VLMLabConfig
+    from vlmlab.config import VLMLabConfig
     from vlmlab.report import data_report, read_run, write_report
     try:
         data = None
@@ -368,6 +376,7 @@ def report(run_dir: str, # a `vlmlab train` output folder (metrics.json, checkpo
     print(path)
     return 0
 
+# %% ../nbs/90_cli.ipynb #90-cli-020a
 def _check_eval_args(n: int, batch_size: int, least_batch: int = 1) -> None:
     "Refuse too few items or too small batches before anything is loaded."
     if n < 2: raise ValueError(f"--n {n}: at least 2 items are needed for paired intervals")
@@ -388,7 +397,8 @@ def ablate(*,
           ) -> int:
     "Connector ablation on held-out items (correct image vs shuffled, zeroed, noise); exit 0 on PASS, 1 on FAIL."
     from vlmlab.diagnostics import connector_ablation
-    from vlmlab.report import heldout_samples, load_eval_model, model_folder, save_ablation
+    from vlmlab.checkpoints import load_eval_model, model_folder
+    from vlmlab.report import heldout_samples, save_ablation
     try:
         _check_eval_args(n, batch_size, least_batch=2)
         model_folder(model)   # a missing model folder is named before the data is read
@@ -405,6 +415,7 @@ def ablate(*,
         print(f"ablation record: {f}")
     return 0 if res.passed else 1
 
+# %% ../nbs/90_cli.ipynb #90-cli-020b
 @command(name='eval', deprecated={'out': ()})
 def evaluate(*,
              checkpoints: list[str], # model folders (e.g. base, SFT, later), evaluated one at a time in this order
@@ -422,7 +433,8 @@ def evaluate(*,
     import numpy as np
     from vlmlab.data import write_atomic
     from vlmlab.diagnostics import compare_paired, evaluate_checkpoints, paired_sample_size
-    from vlmlab.report import heldout_losses, heldout_samples, load_eval_model, model_folder, run_config
+    from vlmlab.checkpoints import load_eval_model, model_folder
+    from vlmlab.report import heldout_losses, heldout_samples, run_config
     try:
         if len(set(checkpoints)) != len(checkpoints): raise ValueError(f"--checkpoints names a folder twice: {' '.join(checkpoints)}")
         _check_eval_args(n, batch_size)

@@ -14,6 +14,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .chat import ProcessedSample
+from .hybrid import seq_idx_from_cu_seqlens
 
 # %% auto #0
 __all__ = ['VLMLAB_KEYS', 'modality_runs', 'mrope_position_ids', 'packed_position_ids', 'CollatorError', 'check_sample_images',
@@ -185,6 +186,7 @@ class PackedDataCollator:
     spatial_merge_size: int = 2 # the merger's spatial merge size (for the mRoPE positions)
     pad_to_multiple_of: int | None = None # pad the row with a separate segment up to a multiple of this
     flash_attn_kwargs: bool = False # also return cu_seq_lens_q/k and max_length_q/k for flash_attention_2
+    seq_idx: bool = False # also return seq_idx (1, T): each token's sample, for linear-attention kernels (vlmlab.hybrid)
 
     def __call__(self, samples: Sequence[ProcessedSample]) -> dict:
         "Collate a list of processed samples into one packed row."
@@ -213,6 +215,7 @@ class PackedDataCollator:
         if self.flash_attn_kwargs:
             m = int((cu[1:] - cu[:-1]).max())
             batch.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=m, max_length_k=m)
+        if self.seq_idx: batch['seq_idx'] = seq_idx_from_cu_seqlens(cu)
         assert_packed_batch(batch, self.spatial_merge_size)
         return batch
 

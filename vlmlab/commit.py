@@ -65,6 +65,7 @@ def _read_lock(fd: int) -> dict | None:
 def _holder(h: dict) -> str:
     return f"run {h.get('run_id')} (pid {h.get('pid')} on {h.get('host')}, started {h.get('started')})"
 
+# %% ../nbs/01b_commit.ipynb #01b-commit-009a
 @contextmanager
 def output_lock(out_dir: str | Path, # the output folder
                 run_id: str, # this run's id, written into the lock file
@@ -93,6 +94,7 @@ def output_lock(out_dir: str | Path, # the output folder
             except OSError: pass
     finally: os.close(fd)                          # closing drops the flock
 
+# %% ../nbs/01b_commit.ipynb #01b-commit-009b
 def clean_stale_temps(folders: Iterable[Path], # folders to clean (not recursive)
                      ) -> int:
     "Remove temporary files whose writer (the pid in the name) is dead; call only while holding the lock."
@@ -103,7 +105,6 @@ def clean_stale_temps(folders: Iterable[Path], # folders to clean (not recursive
             if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
                 p.unlink(missing_ok=True); n += 1
     return n
-
 
 # %% ../nbs/01b_commit.ipynb #01b-commit-014
 class ManifestError(ValueError):
@@ -129,6 +130,7 @@ def _fsync_dir(folder: Path) -> None:
         finally: os.close(fd)
     except OSError: pass
 
+# %% ../nbs/01b_commit.ipynb #01b-commit-014a
 def commit_split(out_dir: str | Path, # the output folder (its lock held)
                  split: str, # split name
                  files: dict[str, bytes], # the contents of `split_files(split)`
@@ -166,6 +168,7 @@ def remove_unreferenced_images(out_dir: str | Path, # the output folder (its loc
         if p.is_file() and not p.name.startswith('.') and str(p) not in keep: p.unlink(missing_ok=True); n += 1
     return n
 
+# %% ../nbs/01b_commit.ipynb #01b-commit-014b
 def check_manifest(out_dir: str | Path, # the output folder
                    split: str, # split name
                    check_images: bool = True, # hash every image the manifest names (else only the three files)
@@ -204,4 +207,3 @@ def check_manifest(out_dir: str | Path, # the output folder
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ''
         raise ManifestError(f"{split}: " + '; '.join(problems[:5]) + more + f"; {fix}")
-

@@ -32,6 +32,8 @@ from .answer_boxes import (SOURCE_SPACES, AnswerBoxError, answer_box_problems, a
                                  rescale_answer_text)
 from .commit import (LOCK_FILE, ConversionLocked, ManifestError, check_manifest, clean_stale_temps, commit_split,
                            output_lock, remove_unreferenced_images, split_files, write_atomic)
+from .families import DEFAULT_FAMILY
+from .leakage import find_leaks, find_near_duplicate_leaks
 from .tokens import SPECIAL_TOKENS, chatml_segments
 from .vision import ImageLoadError, ResizeError, ResizeSpec, image_info, load_image, scale_boxes
 
@@ -41,8 +43,8 @@ __all__ = ['BOX_FORMAT', 'RECORD_KEYS', 'IMAGE_KEYS', 'SHAPE_COLORS', 'SHAPE_KIN
            'is_image_part', 'image_parts', 'draw_shape', 'make_shapes', 'OldFormatError', 'clean_raw_json',
            'read_raw_json', 'clean_raw_dir', 'check_box', 'Sample', 'storage_name', 'tokenizer_specials',
            'special_tokens_in', 'sample_texts', 'text_problems', 'convert_sample', 'read_raw', 'llava_messages',
-           'read_llava', 'read_coco', 'ConversionSummary', 'convert', 'normalize_text', 'record_text', 'find_leaks',
-           'ValidationReport', 'resolve_inside', 'check_record', 'read_jsonl', 'validate']
+           'read_llava', 'read_coco', 'ConversionSummary', 'convert', 'ValidationReport', 'resolve_inside',
+           'check_record', 'read_jsonl', 'validate']
 
 # %% ../nbs/02_data.ipynb #02-data-006
 BOX_FORMAT = 'xyxy_px'
@@ -68,7 +70,7 @@ def is_image_part(part: Any, # one part of a message's content list
                  ) -> bool:
     "Whether the chat renderer (`vlmlab.tokens.chatml_segments`) draws `part` as an image: `{'type': 'image'}`, `{'image': ...}`, `{'image_url': ...}`."
     if not isinstance(part, dict): return False
-    try: segs = chatml_segments([{'role': 'user', 'content': [part]}], 'qwen2_5_vl')   # the renderer's own reading of the part
+    try: segs = chatml_segments([{'role': 'user', 'content': [part]}], DEFAULT_FAMILY)   # the renderer's own reading of the part
     except (TypeError, ValueError): return False   # not a part the renderer knows: refused elsewhere, never counted as an image
     return any(s.kind == 'image' for s in segs)
 
@@ -271,6 +273,7 @@ def special_tokens_in(text: str, # one text of a sample
     found = set(_MARKUP_RE.findall(text)) | {t for t in SPECIAL_TEXTS + QWEN_ADDED_TEXTS + tuple(extra) if t in text}
     return sorted(found - set(ANSWER_NOTATION) if answer else found)
 
+# %% ../nbs/02_data.ipynb #02-data-022ta
 def sample_texts(sid: Any, source: Any, objects: Any, conversations: Any) -> Iterator[tuple[str, str, bool]]:
     "(where, text, is_answer) for every text of a sample or record: id, source, labels, conversation turns."
     yield 'id', sid, False
@@ -307,7 +310,6 @@ def text_problems(sid: Any, source: Any, objects: Any, conversations: Any, # the
                        f"({'only the grounding notation of an answer is allowed' if answer else 'remove them from the text'})")
     return out
 
-
 # %% ../nbs/02_data.ipynb #02-data-022b
 def _load_resized(path: Path, spec: ResizeSpec, min_side: int | None, src: str,
                   expected_size: tuple[int, int] | None = None, cap: int | None = None,
@@ -342,6 +344,7 @@ def _scaled_objects(objects: list, size: tuple[int, int], stored: tuple[int, int
         out.append({'bbox': scaled, 'label': label.strip()})
     return out
 
+# %% ../nbs/02_data.ipynb #02-data-022ba
 def _turns(conversations: list | None) -> Iterator[tuple[int, str, Any]]:
     "(turn index, role, content) of every turn: questions, answers and system prompts alike."
     for k, m in enumerate(conversations or []):
@@ -390,6 +393,7 @@ def _unmasked(obj: Any, restore: dict[str, str]) -> Any:
     if isinstance(obj, list): return [_unmasked(v, restore) for v in obj]
     return obj
 
+# %% ../nbs/02_data.ipynb #02-data-022bb
 def _rescaled_turns(conversations: list | None, loaded: list, box_space: str, family: str, src: str) -> list | None:
     "The conversation with every box of every turn (questions too) rescaled into the family's space for the stored image, or `Reject`."
     if conversations is None: return None
@@ -428,7 +432,6 @@ def _encode_image(img: Image.Image, ext: str) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format='JPEG' if ext == 'jpg' else 'PNG', **({'quality': 95} if ext == 'jpg' else {}))
     return buf.getvalue()
-
 
 # %% ../nbs/02_data.ipynb #02-data-022c
 def convert_sample(sample: Sample, # the input
@@ -509,6 +512,7 @@ def _raw_conversations(conv: Any, where: str) -> list | None:
     if not any(m['role'] == 'assistant' for m in conv): raise Reject(f"{where}: no assistant turn to learn from")
     return [dict(m, content=[dict(q) for q in m['content']] if isinstance(m['content'], list) else m['content']) for m in conv]
 
+# %% ../nbs/02_data.ipynb #02-data-025a
 LLAVA_ROLES = {'human': 'user', 'user': 'user', 'gpt': 'assistant', 'assistant': 'assistant', 'system': 'system'}
 
 def llava_messages(conversations: list, # LLaVA turns: {'from', 'value'}
@@ -561,6 +565,7 @@ def read_llava(path: str | Path, # LLaVA-style JSON list
             yield Sample(sid, where, paths, [], llava_messages(it.get('conversations') or [], where, n))
         except Reject as e: yield Sample(sid, where, None, error=str(e))
 
+# %% ../nbs/02_data.ipynb #02-data-025b
 def read_coco(path: str | Path, # COCO detection JSON
               image_root: str | Path | None = None, # folder of the images (default: the JSON's folder)
               include_crowd: bool = False, # keep iscrowd=1 annotations
@@ -632,6 +637,7 @@ class ConversionSummary:
         return (f"{self.split}: {self.inputs} inputs = {self.written} written + {self.rejected} rejected"
                 f"{' (balanced)' if self.balanced else ' (UNBALANCED)'} -> {self.out_dir}{why}")
 
+# %% ../nbs/02_data.ipynb #02-data-027a
 def _reason_kind(msg: str) -> str:
     "A short category for a rejection message, for the summary."
     for key in ('old list-shaped', 'malformed JSON', 'file not found', 'cannot decode', 'non-finite', 'x1 >= x2', 'y1 >= y2',
@@ -669,6 +675,7 @@ def _worker_died(sample: Sample) -> tuple[str, str, None, list]:
     return ('reject', f"{sample.source} (sample {sample.id!r}): the worker process converting it died (killed by a signal, "
                       "e.g. the out-of-memory killer); the other inputs were converted", None, [])
 
+# %% ../nbs/02_data.ipynb #02-data-027b
 def _run_tasks(tasks: list, workers: int, bar: dict) -> list:
     "Results of `_convert_task` in task order. A task whose worker dies is found by bisection and rejected alone."
     results: list = [None] * len(tasks)
@@ -712,6 +719,41 @@ def _iter_samples(inputs: list[Path], fmt: str, migrate_old: bool, image_root) -
         except Reject as e:  # the whole file is unusable: one rejected input
             yield Sample(inp.stem, str(inp), None, error=str(e))
 
+# %% ../nbs/02_data.ipynb #02-data-027c
+def _check_convert_options(split: str, out_dir, box_space: str, max_decode_pixels, spec: ResizeSpec) -> None:
+    "Refuse a split name that is no plain file name, an unknown box space, a decode cap that is no positive integer."
+    if not re.fullmatch(r'[A-Za-z0-9_][A-Za-z0-9._-]{0,119}', split) or split.endswith(('.rejects', '.summary', '.manifest')):
+        raise ValueError(f"split name {split!r} must be a plain name (letters, digits, '.', '_', '-'; not starting with '.', "
+                         f"not ending in .rejects/.summary/.manifest): it names {split}.jsonl inside {out_dir}")
+    if box_space not in SOURCE_SPACES: raise ValueError(f"box_space {box_space!r}: use one of {', '.join(SOURCE_SPACES)}")
+    if max_decode_pixels is not None and not (_is_int(max_decode_pixels) and max_decode_pixels > 0):
+        raise ValueError(f"max_decode_pixels {max_decode_pixels!r} must be a positive number of pixels (None: the spec's "
+                         f"{spec.max_decode_pixels:,})")
+
+def _make_writable(out: Path, split: str) -> None:
+    "Create `out/images/{split}` and check that a file can be written there (root ignores permissions, not read-only mounts)."
+    try: (out / 'images' / split).mkdir(parents=True, exist_ok=True)
+    except OSError as e: raise OSError(e.errno, f"output directory {out}: cannot create it ({e.strerror})") from None
+    try:
+        with tempfile.TemporaryFile(dir=out / 'images' / split): pass   # writable? (root ignores permissions, not read-only mounts)
+    except OSError as e:
+        raise OSError(e.errno, f"output directory {out}: not writable ({errno.errorcode.get(e.errno, e.errno)}: {e.strerror})") from None
+
+def _read_samples(inputs, fmt: str, migrate_old: bool, image_root, out: Path) -> list[Sample]:
+    "Every input sample, duplicates of an id marked; refuses missing inputs and no inputs at all (the output folder untouched)."
+    inputs = [Path(p) for p in (inputs if isinstance(inputs, (list, tuple)) else [inputs])]
+    for p in inputs:
+        if not p.exists(): raise FileNotFoundError(f"input {p} does not exist")
+    samples, seen = [], set()
+    for s in _iter_samples(inputs, fmt, migrate_old, image_root):
+        if s.error is None and s.id in seen: s.error = f"{s.source}: duplicate id {s.id!r} (ids name the stored images)"
+        seen.add(s.id); samples.append(s)
+    if not samples:
+        raise ValueError(f"no annotation inputs in {', '.join(map(str, inputs))} (a folder of raw JSON files, a LLaVA or a COCO "
+                         f"JSON; fmt={fmt!r}): nothing was written, {out} is as it was")
+    return samples
+
+# %% ../nbs/02_data.ipynb #02-data-027d
 def convert(inputs: str | Path | list, # raw JSON folder(s)/files, a LLaVA JSON or a COCO JSON
             out_dir: str | Path = 'ds_output', # output folder
             spec: ResizeSpec | None = None, # resize spec of the target model (default: Qwen2.5-VL released)
@@ -728,31 +770,11 @@ def convert(inputs: str | Path | list, # raw JSON folder(s)/files, a LLaVA JSON 
             max_decode_pixels: int | None = None, # refuse larger source frames before decoding (default: `spec.max_decode_pixels`)
            ) -> ConversionSummary:
     "Convert annotations into `out_dir/{split}.jsonl` plus resized images, committed with a manifest; account for every input."
-    spec = spec or ResizeSpec.for_family('qwen2_5_vl')
-    if not re.fullmatch(r'[A-Za-z0-9_][A-Za-z0-9._-]{0,119}', split) or split.endswith(('.rejects', '.summary', '.manifest')):
-        raise ValueError(f"split name {split!r} must be a plain name (letters, digits, '.', '_', '-'; not starting with '.', "
-                         f"not ending in .rejects/.summary/.manifest): it names {split}.jsonl inside {out_dir}")
-    if box_space not in SOURCE_SPACES: raise ValueError(f"box_space {box_space!r}: use one of {', '.join(SOURCE_SPACES)}")
-    if max_decode_pixels is not None and not (_is_int(max_decode_pixels) and max_decode_pixels > 0):
-        raise ValueError(f"max_decode_pixels {max_decode_pixels!r} must be a positive number of pixels (None: the spec's "
-                         f"{spec.max_decode_pixels:,})")
+    spec = spec or ResizeSpec.for_family(DEFAULT_FAMILY)
+    _check_convert_options(split, out_dir, box_space, max_decode_pixels, spec)
     out = Path(out_dir)
-    inputs = [Path(p) for p in (inputs if isinstance(inputs, (list, tuple)) else [inputs])]
-    for p in inputs:
-        if not p.exists(): raise FileNotFoundError(f"input {p} does not exist")
-    samples, seen = [], set()   # read before anything is written: zero inputs leave the output folder untouched
-    for s in _iter_samples(inputs, fmt, migrate_old, image_root):
-        if s.error is None and s.id in seen: s.error = f"{s.source}: duplicate id {s.id!r} (ids name the stored images)"
-        seen.add(s.id); samples.append(s)
-    if not samples:
-        raise ValueError(f"no annotation inputs in {', '.join(map(str, inputs))} (a folder of raw JSON files, a LLaVA or a COCO "
-                         f"JSON; fmt={fmt!r}): nothing was written, {out} is as it was")
-    try: (out / 'images' / split).mkdir(parents=True, exist_ok=True)
-    except OSError as e: raise OSError(e.errno, f"output directory {out}: cannot create it ({e.strerror})") from None
-    try:
-        with tempfile.TemporaryFile(dir=out / 'images' / split): pass   # writable? (root ignores permissions, not read-only mounts)
-    except OSError as e:
-        raise OSError(e.errno, f"output directory {out}: not writable ({errno.errorcode.get(e.errno, e.errno)}: {e.strerror})") from None
+    samples = _read_samples(inputs, fmt, migrate_old, image_root, out)   # before anything is written
+    _make_writable(out, split)
     run_id = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"
     with output_lock(out, run_id):
         clean_stale_temps([out, out / 'images' / split])
@@ -785,60 +807,34 @@ def _safe_line(row: dict) -> bytes:
     try: return (json.dumps(row, ensure_ascii=False) + '\n').encode('utf-8')
     except UnicodeEncodeError: return (json.dumps(row) + '\n').encode('ascii')
 
-
 # %% ../nbs/02_data.ipynb #02-data-035
-def normalize_text(text: str) -> str:
-    "Text as compared for leakage: NFKC, lower case, punctuation and repeated spaces removed."
-    t = unicodedata.normalize('NFKC', text).lower()
-    return ' '.join(re.sub(r'[^\w\s]', ' ', t).split())
-
-def record_text(rec: dict) -> str:
-    "The normalized conversation text of a record ('' for records without conversations)."
-    parts = []
-    for m in rec.get('conversations') or []:
-        c = m.get('content')
-        parts += [c] if isinstance(c, str) else [p.get('text', '') for p in c if isinstance(p, dict)]
-    return normalize_text(' '.join(parts))
-
-def find_leaks(splits: dict[str, list[dict]], # split name -> records
-              ) -> list[str]:
-    "Samples whose image bytes or conversation text appear in more than one split."
-    leaks, first = [], {}
-    for split, recs in splits.items():
-        for r in recs:
-            try: shas = [e.get('image_sha256') for e in record_images(r)]
-            except Reject: shas = []
-            for kind, key in [('image', s) for s in shas] + [('text', record_text(r))]:
-                if not key: continue
-                prev = first.setdefault((kind, key), (split, r.get('id')))
-                if prev[0] != split:
-                    leaks.append(f"{split}:{r.get('id')} has the same {'image bytes' if kind == 'image' else 'conversation text'} "
-                                 f"as {prev[0]}:{prev[1]}")
-    return leaks
-
 @dataclass
 class ValidationReport:
     "The result of validating a ds_output folder."
     out_dir: str
     counts: dict[str, int]        # split -> records read
     errors: list[str]             # each names file:line and record id
-    leaks: list[str]              # cross-split duplicates
+    leaks: list[str]              # cross-split duplicates: same bytes, same text, near-duplicate images
     manifest: list[str] = field(default_factory=list)  # splits whose files are not what their manifest vouches for
+    warnings: list[str] = field(default_factory=list)  # allowed near-duplicates, checks not run: reported, not failed
 
     @property
     def ok(self) -> bool:
-        "No errors, no leaks, every split as committed."
+        "No errors, no leaks, every split as committed (warnings do not fail)."
         return not self.errors and not self.leaks and not self.manifest
 
     def __str__(self):
         head = f"validate {self.out_dir}: " + ', '.join(f"{k} {v} records" for k, v in self.counts.items())
         body = [f"  MANIFEST {m}" for m in self.manifest] + [f"  ERROR {e}" for e in self.errors[:50]] + \
-               [f"  LEAK  {l}" for l in self.leaks[:50]]
-        more = len(self.errors) + len(self.leaks) + len(self.manifest) - len(body)
+               [f"  LEAK  {l}" for l in self.leaks[:50]] + [f"  WARN  {w}" for w in self.warnings[:50]]
+        more = len(self.errors) + len(self.leaks) + len(self.manifest) + len(self.warnings) - len(body)
         return '\n'.join([head] + body + ([f"  ... {more} more"] if more > 0 else []) +
                          [f"  {'OK' if self.ok else 'FAILED'}: {len(self.errors)} errors, {len(self.leaks)} leaks"
-                          + (f", {len(self.manifest)} splits not as committed" if self.manifest else '')])
+                          + (f", {len(self.manifest)} splits not as committed" if self.manifest else '')
+                          + (f", {len(self.warnings)} warnings" if self.warnings else '')])
 
+
+# %% ../nbs/02_data.ipynb #02-data-035b
 def resolve_inside(root: Path, rel: Any) -> Path:
     "The file `rel` names under `root`; raises `Reject` if it is absolute or escapes `root` (also through symlinks)."
     if not isinstance(rel, str) or not rel: raise Reject(f"image path must be a non-empty string, got {rel!r}")
@@ -870,6 +866,7 @@ def _check_image_entry(e: dict, root: Path, recorded: ResizeSpec, check_images: 
                 if list(im.size) != [w, h]: raise Reject(f"image {e['image']} is {im.size[0]}x{im.size[1]}, the record says {w}x{h}")
     except (OSError, Image.DecompressionBombError) as e2: raise Reject(f"image {e['image']!r} cannot be read: {e2}") from None
 
+# %% ../nbs/02_data.ipynb #02-data-035d
 def check_record(rec: Any, # one parsed JSONL record
                  root: Path, # the ds_output folder
                  spec: ResizeSpec | None = None, # the model's spec: the record must carry its fingerprint
@@ -924,6 +921,7 @@ def check_record(rec: Any, # one parsed JSONL record
             if check_box(o.get('bbox'), (w, h), f"object {k}") != [float(v) for v in o['bbox']]:
                 raise Reject(f"object {k}: bbox {o['bbox']} is outside the {w}x{h} stored image")
 
+# %% ../nbs/02_data.ipynb #02-data-035f
 def read_jsonl(path: str | Path, # a JSONL file
               ) -> Iterator[tuple[int, Any, str | None]]:
     "(line number, parsed value or None, error) for every non-empty line."
@@ -937,13 +935,17 @@ def read_jsonl(path: str | Path, # a JSONL file
             except RecursionError: value, err = None, "JSON nested too deeply to read"
             yield n, value, err
 
+# %% ../nbs/02_data.ipynb #02-data-035g
 def validate(out_dir: str | Path = 'ds_output', # the ds_output folder
              spec: ResizeSpec | None = None, # the model's spec: every record must carry its fingerprint
              check_images: bool = True, # open every image (size and hash)
              progress: bool = True, # show a progress bar
              tokenizer: Any = None, # the model's tokenizer: its special / added tokens are refused in texts as well
+             allow_near_duplicates: bool = False, # report near-duplicate images across splits as warnings, not leaks
+             near_duplicate_difference: float = 3.0, # largest mean pixel difference (0-255) of two images that counts as a copy
             ) -> ValidationReport:
     "Check every split's manifest, every record of every split, and look for leakage between splits."
+    if not near_duplicate_difference >= 0: raise ValueError(f"near_duplicate_difference must be >= 0, got {near_duplicate_difference}")
     root = Path(out_dir)
     files = sorted(p for p in root.glob('*.jsonl') if not p.name.endswith('.rejects.jsonl'))
     if not files: return ValidationReport(str(root), {}, [f"{root}: no {{split}}.jsonl files (run vlmlab convert first)"], [])
@@ -971,5 +973,10 @@ def validate(out_dir: str | Path = 'ds_output', # the ds_output folder
         if not (root / f"{mf.name[:-len('.manifest.json')]}.jsonl").exists():
             try: check_manifest(root, mf.name[:-len('.manifest.json')], check_images=False)
             except ManifestError as e: manifest.append(str(e))
-    return ValidationReport(str(root), counts, errors, find_leaks(splits), manifest)
-
+    leaks, warnings = find_leaks(splits), []
+    if not check_images: warnings.append("near-duplicate images across splits not checked (images not opened)")
+    else:
+        near = find_near_duplicate_leaks(splits, root, max_difference=near_duplicate_difference, progress=progress)
+        if allow_near_duplicates: warnings += [f"{n} (allowed)" for n in near]
+        else: leaks += near
+    return ValidationReport(str(root), counts, errors, leaks, manifest, warnings)

@@ -12,11 +12,15 @@ from pathlib import Path
 import numpy as np
 
 from .data import convert, make_shapes, read_jsonl, validate, write_atomic
-from .detection import baseline_predictions, detector_predictions, evaluate_detections, ground_truth, text_predictions
+from .evaluation import baseline_predictions, evaluate_detections, ground_truth
+from .inference import detector_predictions, text_predictions
 from .diagnostics import connector_ablation
-from .model import VLMLabConfig, resolve_model_path, stage_groups
-from .report import heldout_samples, load_eval_model, save_ablation, write_report
-from .trainer import load_detector, train_from_config
+from .families import DEFAULT_FAMILY, MODULE_GROUPS
+from .checkpoints import load_detector, load_eval_model, resolve_model_path
+from .config import VLMLabConfig
+from .model import stage_groups
+from .report import heldout_samples, save_ablation, write_report
+from .trainer import train_from_config
 from .vision import ResizeSpec
 
 # %% auto #0
@@ -53,7 +57,7 @@ def demo_data(out: str | Path, # the demo folder: raw data and ds_output/ go ins
 
 # %% ../nbs/10_demo.ipynb #10-demo-008
 def demo_configs(out: str | Path, # the demo folder
-                 model: str = 'tiny-kit/qwen2_5_vl', # the model to start from
+                 model: str = f'tiny-kit/{DEFAULT_FAMILY}', # the model to start from
                  align_steps: int = 300, # optimizer steps of the stage-1 caption (alignment) run
                  grounding_steps: int = 2000, # optimizer steps of the grounding + head run
                  language_steps: int = 300, # optimizer steps of the tiny kit's language run (LLM only)
@@ -76,7 +80,7 @@ def demo_configs(out: str | Path, # the demo folder
                         {'name': 'stage1', 'lrs': {'merger': 1e-2 if tiny else 1e-3}}, align_steps)
     data['teacher_ratio'] = 0.0   # grounding without demonstrations: on the tiny kit its ablation passes by a wider margin
     runs['grounding'] = run('grounding', str(out / 'align' / 'final'), 'grounding',
-                            {'name': 'full', 'lrs': {g: 3e-3 for g in ('vision', 'merger', 'llm', 'adapter', 'head')}} if tiny
+                            {'name': 'full', 'lrs': {g: 3e-3 for g in MODULE_GROUPS}} if tiny
                             else {'name': 'stage2'}, grounding_steps, **head)
     return runs
 
@@ -146,8 +150,36 @@ def demo_results(summary: dict) -> dict:
             'mAP': {k: r4(v) for k, v in summary['mAP'].items()}, 'parsed': summary['parsed'],
             'verdicts': summary['verdicts'], 'failed': summary['failed']}
 
+# %% ../nbs/10_demo.ipynb #10-demo-012e
+def _demo_run(name: str, cfg, out: Path, n_heldout: int, progress: bool) -> dict:
+    "Train one demo run from its config, ablate its final model, print what happened; its entry in the summary."
+    import yaml
+    Path(cfg.training.output_dir).mkdir(parents=True, exist_ok=True)
+    (Path(cfg.training.output_dir) / 'config.yaml').write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    m = train_from_config(cfg, progress=progress, overwrite=True)   # the demo owns its run folders: a re-run replaces them
+    lm, groups = [h['lm_loss'] for h in m['log_history'] if 'lm_loss' in h], trained_groups(m['log_history'])
+    abl = _ablate(m['final_model'], out / 'ds_output', cfg.data.target, Path(cfg.training.output_dir) / 'ablation.json',
+                  n_heldout, progress)
+    print(f"trainable-set guard passed; groups with gradients: {', '.join(groups)}\n"
+          f"lm_loss {lm[0]:.3f} -> {lm[-1]:.3f}; held-out loss {abl['mean_loss']['correct']:.3f}\n"
+          f"connector ablation ({cfg.data.target}):\n{abl['text']}")
+    return {'stage': cfg.stage.name, 'trained_groups': groups, 'steps': cfg.training.max_steps,
+            'lm_loss_first': lm[0], 'lm_loss_last': lm[-1], 'heldout_loss': abl['mean_loss']['correct'], 'ablation': abl,
+            'final_model': m['final_model'], 'tensorboard': m['tensorboard'],
+            'metrics': str(Path(cfg.training.output_dir) / 'metrics.json')}
+
+def _print_artifacts(out: Path, results: dict, reports: dict, summary: dict) -> None:
+    "Where the demo wrote every artifact, and how long it took."
+    print('\n== artifacts')
+    for name, r in results.items():
+        print(f"{name:9} final model {r['final_model']}\n{'':9} TensorBoard {r['tensorboard']}\n{'':9} metrics     {r['metrics']}\n"
+              f"{'':9} ablation    {Path(r['metrics']).parent / 'ablation.json'}\n{'':9} report      {reports[name]}")
+    print(f"evaluation {out / 'eval.json'}\nsummary    {out / 'demo.json'}\nresults    {out / 'demo_results.json'}\n"
+          f"total {sum(summary['seconds'].values()):.0f} s, CPU {summary['cpu_seconds']} s")
+
+# %% ../nbs/10_demo.ipynb #10-demo-012f
 def run_demo(out_dir: str | Path = 'runs/demo', # where everything is written
-             model: str = 'tiny-kit/qwen2_5_vl', # the model to start from (hub id, folder or tiny-kit/<family>)
+             model: str = f'tiny-kit/{DEFAULT_FAMILY}', # the model to start from (hub id, folder or tiny-kit/<family>)
              data: str | Path | None = None, # a raw annotation folder (default: synthetic shapes)
              align_steps: int = 300, # stage-1 caption (alignment) steps
              grounding_steps: int = 2000, # grounding + head steps
@@ -159,7 +191,6 @@ def run_demo(out_dir: str | Path = 'runs/demo', # where everything is written
              results_file: str | Path | None = None, # also write demo_results.json here (the README reads nbs/demo_results.json)
             ) -> dict:
     "Data, language (tiny kit), stage-1 alignment, grounding with the head, evaluation, ablations, verdicts and reports."
-    import yaml
     out, t0, times, cpu0 = Path(out_dir), time.perf_counter(), {}, time.process_time()
     def step(name):
         times[name] = round(time.perf_counter() - t0 - sum(times.values()), 1)
@@ -176,19 +207,7 @@ def run_demo(out_dir: str | Path = 'runs/demo', # where everything is written
         stage = cfg.stage.trainable or cfg.stage.name
         print(f"\n== {i}/{n_steps} {name} run ({cfg.data.target}, stage {cfg.stage.name}: {', '.join(stage_groups(stage))}, "
               f"{cfg.training.max_steps} steps) -> {cfg.training.output_dir}", flush=True)
-        Path(cfg.training.output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.training.output_dir) / 'config.yaml').write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        m = train_from_config(cfg, progress=progress, overwrite=True)   # the demo owns its run folders: a re-run replaces them
-        lm, groups = [h['lm_loss'] for h in m['log_history'] if 'lm_loss' in h], trained_groups(m['log_history'])
-        abl = _ablate(m['final_model'], out / 'ds_output', cfg.data.target, Path(cfg.training.output_dir) / 'ablation.json',
-                      n_heldout, progress)
-        print(f"trainable-set guard passed; groups with gradients: {', '.join(groups)}\n"
-              f"lm_loss {lm[0]:.3f} -> {lm[-1]:.3f}; held-out loss {abl['mean_loss']['correct']:.3f}\n"
-              f"connector ablation ({cfg.data.target}):\n{abl['text']}")
-        results[name] = {'stage': cfg.stage.name, 'trained_groups': groups, 'steps': cfg.training.max_steps,
-                         'lm_loss_first': lm[0], 'lm_loss_last': lm[-1], 'heldout_loss': abl['mean_loss']['correct'], 'ablation': abl,
-                         'final_model': m['final_model'], 'tensorboard': m['tensorboard'],
-                         'metrics': str(Path(cfg.training.output_dir) / 'metrics.json')}
+        results[name] = _demo_run(name, cfg, out, n_heldout, progress)
         step(f'{name} run')
     print(f'\n== {n_steps - 1}/{n_steps} evaluation on the held-out split', flush=True)
     ev = evaluate_heldout(results['grounding']['final_model'], cfgs['grounding'])
@@ -210,10 +229,5 @@ def run_demo(out_dir: str | Path = 'runs/demo', # where everything is written
     write_atomic(out / 'demo.json', json.dumps(summary, indent=1, default=str).encode())
     compact = json.dumps(demo_results(summary), indent=1).encode()
     for f in [out / 'demo_results.json'] + ([Path(results_file)] if results_file else []): write_atomic(f, compact)
-    print('\n== artifacts')
-    for name, r in results.items():
-        print(f"{name:9} final model {r['final_model']}\n{'':9} TensorBoard {r['tensorboard']}\n{'':9} metrics     {r['metrics']}\n"
-              f"{'':9} ablation    {Path(r['metrics']).parent / 'ablation.json'}\n{'':9} report      {reports[name]}")
-    print(f"evaluation {out / 'eval.json'}\nsummary    {out / 'demo.json'}\nresults    {out / 'demo_results.json'}\n"
-          f"total {sum(times.values()):.0f} s, CPU {summary['cpu_seconds']} s")
+    _print_artifacts(out, results, reports, summary)
     return summary

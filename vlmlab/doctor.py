@@ -137,13 +137,20 @@ def check_writable(path: str | Path, # directory that must take writes
                  data=dict(path=str(p), error=err, alternative=str(alt) if alt else None))
 
 # %% ../nbs/00b_doctor.ipynb #00b-doctor-020
+def _generation_config(path):
+    "The checkpoint's generation config, or None when it has none (generate() then builds one from the config)."
+    from transformers import GenerationConfig
+    try: return GenerationConfig.from_pretrained(path)
+    except OSError: return None
+
 def check_model(name_or_path: str, # local folder, tiny-kit/<family> or hub id of a Qwen-VL checkpoint
                ) -> Check:
-    "Load a checkpoint's tokenizer and config and run the special-token and template guards."
+    "Load a checkpoint's tokenizer and config and run the special-token, template and end-of-answer guards."
     from transformers import AutoConfig, AutoTokenizer
-    from vlmlab.tokens import assert_special_tokens, assert_template_matches, IMAGE_PAD
+    from vlmlab.tokens import assert_generation_stops, assert_special_tokens, assert_template_matches, chat_format_of, IMAGE_PAD
+    from vlmlab.families import FAMILIES
     try:
-        from vlmlab.model import resolve_model_path   # here: it imports torch, which this module never does at import time
+        from vlmlab.checkpoints import resolve_model_path   # here: it imports torch, which this module never does at import time
         path = resolve_model_path(name_or_path)
         tok, cfg = AutoTokenizer.from_pretrained(path), AutoConfig.from_pretrained(path)
     except Exception as e:
@@ -151,12 +158,14 @@ def check_model(name_or_path: str, # local folder, tiny-kit/<family> or hub id o
                      "pass a local checkpoint folder, tiny-kit/<family>, or a hub id that is in the local cache")
     try:
         ids = assert_special_tokens(tok, cfg)
-        fam = cfg.model_type if cfg.model_type in ('qwen2_vl', 'qwen2_5_vl', 'qwen3_vl') else None
-        n = assert_template_matches(tok, fam) if fam and tok.chat_template else 0
+        fam = cfg.model_type if cfg.model_type in FAMILIES else None
+        n = assert_template_matches(tok, chat_format_of(tok, fam)) if fam and tok.chat_template else 0
+        stops = assert_generation_stops(tok, cfg, _generation_config(path)) if tok.chat_template else 'base model: no chat turns'
     except ValueError as e:
         return Check('model tokens', False, f"{name_or_path}: {e}", 'see the message above')
     return Check('model tokens', True, f"{cfg.model_type}: special tokens in sync (image_pad = {ids[IMAGE_PAD]}), "
-                 f"chat template matches the renderer on {n} probes", data=dict(model_type=cfg.model_type, ids=ids))
+                 f"chat template matches the renderer on {n} probes; {stops}",
+                 data=dict(model_type=cfg.model_type, ids=ids, generation=stops))
 
 # %% ../nbs/00b_doctor.ipynb #00b-doctor-026
 def run_doctor(output_dir: str | Path = 'runs', # where training runs will write

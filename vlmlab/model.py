@@ -10,36 +10,24 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from .families import MODULE_GROUPS, parameter_group
+
 # %% auto #0
-__all__ = ['MODULE_GROUPS', 'STAGES', 'POS_INT', 'CONFIG_RANGES', 'COMPLETE_MARKER', 'MARKER_FORMAT', 'TRAINER_WEIGHTS',
-           'LOADABLE', 'FAMILY_OF_MODEL_TYPE', 'HUB_ID', 'LORA_TARGETS', 'TrainableSetError', 'parameter_group',
-           'group_parameters', 'stage_groups', 'apply_stage', 'optimizer_groups', 'params_without_grad',
-           'assert_trainable_set', 'ConfigError', 'ModelConfig', 'DataConfig', 'StageConfig', 'TrainingConfig',
-           'VLMLabConfig', 'Range', 'CheckpointError', 'checkpoint_problem', 'checkpoint_complete', 'verify_checkpoint',
-           'ModelNotFoundError', 'looks_like_path', 'resolve_model_path', 'load_model', 'add_lora']
+__all__ = ['STAGES', 'LR_FALLBACK', 'LORA_TARGETS', 'TrainableSetError', 'group_parameters', 'stage_groups', 'apply_stage',
+           'optimizer_groups', 'params_without_grad', 'assert_trainable_set', 'add_lora']
 
 # %% ../nbs/06_model.ipynb #06-model-006
-MODULE_GROUPS = ('vision', 'merger', 'llm', 'adapter', 'head')
-STAGES = {
+STAGES = {   # MODULE_GROUPS and the rules that fill them: vlmlab.families
     'stage1': ('merger',),                              # connector alignment: vision and LLM frozen
     'head': ('adapter', 'head'),                        # detection head on a frozen VLM
-    'stage2': ('merger', 'llm', 'adapter', 'head'),     # LLM, connector and head; vision frozen
+    'stage2': ('merger', 'llm', 'experts', 'router', 'adapter', 'head'),   # LLM (with any experts and router), connector and head; vision frozen
     'full': MODULE_GROUPS,                              # everything
 }
 
+LR_FALLBACK = {'experts': 'llm', 'router': 'llm'}   # a group without a learning rate of its own takes this group's
+
 class TrainableSetError(RuntimeError):
     "The parameters that train are not the ones the stage says."
-
-def parameter_group(name: str, # a parameter name from named_parameters() (of a VLM or a VLMDetector)
-                   ) -> str:
-    "The module group of a parameter."
-    n = name[len('vlm.'):] if name.startswith('vlm.') else name
-    if n.startswith('head.adapter.'): return 'adapter'
-    if n.startswith('head.'): return 'head'
-    if '.visual.merger.' in f'.{n}' or '.visual.deepstack_merger_list.' in f'.{n}': return 'merger'
-    if '.visual.' in f'.{n}': return 'vision'
-    if '.language_model.' in f'.{n}' or n.startswith('lm_head.'): return 'llm'
-    raise ValueError(f"parameter {name!r} belongs to no known group {MODULE_GROUPS}; extend parameter_group for this model")
 
 def group_parameters(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
     "Parameters of `model` by module group."
@@ -70,6 +58,7 @@ def apply_stage(model: nn.Module, # a VLM or VLMDetector
     if not any(counts.values()): raise TrainableSetError(f"stage {stage!r} leaves no trainable parameter in this model")
     return counts
 
+# %% ../nbs/06_model.ipynb #06-model-006b
 def optimizer_groups(model: nn.Module, # a VLM or VLMDetector with its stage applied
                      lrs: dict[str, float], # learning rate per module group (vision, merger, llm, adapter, head)
                      weight_decay: float = 0.0, # weight decay (not applied to biases and norms)
@@ -79,10 +68,11 @@ def optimizer_groups(model: nn.Module, # a VLM or VLMDetector with its stage app
     for g, params in group_parameters(model).items():
         trainable = [(n, p) for n, p in params if p.requires_grad]
         if not trainable: continue
-        if g not in lrs: raise ValueError(f"no learning rate for trainable group {g!r}; give lrs[{g!r}]")
+        lr = lrs.get(g, lrs.get(LR_FALLBACK.get(g)))
+        if lr is None: raise ValueError(f"no learning rate for trainable group {g!r}; give lrs[{g!r}]")
         for decay in (True, False):
             ps = [(n, p) for n, p in trainable if (p.ndim > 1) == decay]
-            if ps: out.append({'name': f"{g}{'' if decay else '/no_decay'}", 'group': g, 'lr': lrs[g],
+            if ps: out.append({'name': f"{g}{'' if decay else '/no_decay'}", 'group': g, 'lr': lr,
                                'weight_decay': weight_decay if decay else 0.0, 'params': [p for _, p in ps],
                                'param_names': [n for n, _ in ps]})
     return out
@@ -91,6 +81,7 @@ def params_without_grad(model: nn.Module) -> list[str]:
     "Names of trainable parameters that received no gradient in the last backward pass."
     return [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
 
+# %% ../nbs/06_model.ipynb #06-model-006c
 def assert_trainable_set(model: nn.Module, # the model after the first backward pass
                          stage: str | Sequence[str], # the stage it is meant to train
                         ) -> dict[str, int]:
@@ -116,390 +107,6 @@ def assert_trainable_set(model: nn.Module, # the model after the first backward 
         more = f"\n... and {len(problems) - 12} more" if len(problems) > 12 else ''
         raise TrainableSetError(f"stage {stage!r}: {len(problems)} parameter(s) off:\n- " + '\n- '.join(problems[:12]) + more)
     return got
-
-# %% ../nbs/06_model.ipynb #06-model-022
-import dataclasses
-import difflib
-import hashlib
-import json
-import math
-import os
-import re
-import warnings
-import typing
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
-
-import yaml
-
-from .detection import DetectionLossConfig
-
-# %% ../nbs/06_model.ipynb #06-model-023
-class ConfigError(ValueError):
-    "A configuration file or dict that does not describe a valid run."
-
-@dataclass
-class ModelConfig:
-    "Which model to train."
-    name_or_path: str = ''                  # hub id or local folder of a Qwen-VL checkpoint
-    detection_head: bool = False            # add the detection head
-    head_d_model: int = 128                 # detection head width
-    num_queries: int = 16                   # detection_num_queries
-    max_caption_length: int = 8             # longest generated caption (tokens)
-    attn_implementation: str = 'sdpa'       # sdpa, eager or flash_attention_2
-    dtype: str = 'float32'                  # float32 or bfloat16 (fp16 overflows in Qwen-VL: refused)
-
-@dataclass
-class DataConfig:
-    "Which converted data to train on, and how samples are built."
-    ds_output: str = 'ds_output'            # folder written by `vlmlab convert`
-    train_split: str = 'train'              # {split}.jsonl to train on
-    eval_split: str | None = None           # {split}.jsonl to evaluate on
-    target: str = 'grounding'               # grounding, caption or conversation
-    max_length: int = 4096                  # most tokens per sample
-    packing: bool = False                   # pack samples into rows of max_tokens
-    max_tokens: int = 4096                  # row capacity when packing
-    teacher_ratio: float = 0.0              # probability of teacher demonstrations
-    n_teachers: int = 1                     # demonstrations per sample
-    check_placeholders: bool = True         # refuse text with an unfilled template placeholder ({label}, <image>, ...)
-
-@dataclass
-class StageConfig:
-    "What trains, and how fast."
-    name: str = 'stage1'                    # stage1, head, stage2 or full
-    trainable: list[str] | None = None      # explicit module groups instead of the stage's
-    lrs: dict[str, float] = field(default_factory=lambda: {'vision': 2e-6, 'merger': 1e-4, 'llm': 1e-5, 'adapter': 1e-4, 'head': 1e-4})
-    lora: bool = False                      # train LoRA adapters (peft) instead of full weights
-    lora_r: int = 16                        # LoRA rank
-
-@dataclass
-class TrainingConfig:
-    "How long and how to train."
-    output_dir: str = 'runs/experiment'     # checkpoints, TensorBoard logs and metrics go here
-    epochs: float = 1.0                     # passes over the training split
-    max_steps: int = -1                     # stop after this many optimizer steps (-1: use epochs)
-    per_device_batch_size: int = 1          # samples (or packed rows) per device and micro-step
-    gradient_accumulation_steps: int = 1    # micro-steps per optimizer step
-    weight_decay: float = 0.0               # AdamW weight decay (not on biases and norms)
-    warmup_ratio: float = 0.03              # fraction of steps with linear warmup
-    max_grad_norm: float = 1.0              # gradient clipping (0: none)
-    seed: int = 0                           # seed for data order and initialisation
-    logging_steps: int = 10                 # log every this many steps
-    save_steps: int = 500                   # checkpoint every this many steps
-    lm_weight: float = 1.0                  # weight of the LM loss next to the detection loss
-    detection: DetectionLossConfig = field(default_factory=DetectionLossConfig)  # detection loss weights
-
-@dataclass
-class VLMLabConfig:
-    "A whole run: model, data, stage and training."
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    stage: StageConfig = field(default_factory=StageConfig)
-    training: TrainingConfig = field(default_factory=TrainingConfig)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> VLMLabConfig:
-        "Build and check a config from a plain dict (as parsed from YAML)."
-        return _build(cls, d, '').check()
-
-    def check(self) -> VLMLabConfig:
-        "Check names, every numeric value against its range (`CONFIG_RANGES`) and the rules between fields; return self."
-        cfg = self
-        if not cfg.stage.trainable and cfg.stage.name not in STAGES:
-            raise ConfigError(f"stage.name: {cfg.stage.name!r} is not a stage; allowed: {', '.join(sorted(STAGES))} (or list the groups "
-                              "in stage.trainable)")
-        for g in cfg.stage.trainable or []:
-            if g not in MODULE_GROUPS: raise ConfigError(f"stage.trainable: unknown module group {g!r}; allowed: {', '.join(MODULE_GROUPS)}")
-        for g in cfg.stage.lrs:   # a misspelt group would silently train with no learning rate of its own
-            if g not in MODULE_GROUPS: raise ConfigError(f"stage.lrs.{g}: unknown module group; allowed: {', '.join(MODULE_GROUPS)}")
-        if cfg.data.target not in ('grounding', 'caption', 'conversation'):
-            raise ConfigError(f"data.target: {cfg.data.target!r} is not one of 'grounding', 'caption', 'conversation'")
-        if cfg.model.dtype not in ('float32', 'bfloat16'):
-            raise ConfigError(f"model.dtype: {cfg.model.dtype!r}; use float32 or bfloat16 (fp16 overflows in Qwen-VL models)")
-        for key, v in _numeric_values(cfg):
-            rng = CONFIG_RANGES.get(key) or CONFIG_RANGES.get(key.rsplit('.', 1)[0] + '.*')
-            if rng is None: raise ConfigError(f"{key}: no allowed range is defined for this numeric field (add it to CONFIG_RANGES)")
-            if v not in rng: raise ConfigError(rng.message(key, v))
-        missing = [g for g in stage_groups(cfg.stage.trainable or cfg.stage.name) if g not in cfg.stage.lrs]
-        if missing: raise ConfigError(f"stage.lrs: no learning rate for the trainable group(s) {', '.join(missing)}; add "
-                                      + ', '.join(f"{g}: <lr>" for g in missing) + " to stage.lrs")
-        if cfg.data.teacher_ratio > 0 and cfg.data.n_teachers < 1:
-            raise ConfigError(f"data.n_teachers: 0 with data.teacher_ratio {cfg.data.teacher_ratio}: a teacher draw needs at least one "
-                              "demonstration; set n_teachers >= 1 or teacher_ratio: 0")
-        if cfg.training.lm_weight == 0 and not cfg.model.detection_head:
-            raise ConfigError("training.lm_weight: 0 without model.detection_head leaves no loss to train; set lm_weight > 0")
-        return cfg
-
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> VLMLabConfig:
-        "Load a config file with yaml.safe_load (never executes code)."
-        try: d = yaml.safe_load(Path(path).read_text(encoding='utf-8')) or {}
-        except yaml.YAMLError as e: raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        try: return cls.from_dict(d)
-        except ConfigError as e: raise ConfigError(f"{path}: {e}") from None
-
-    def to_dict(self) -> dict:
-        "The config as plain data (for YAML and the run's metrics file)."
-        return dataclasses.asdict(self)
-
-def _check_type(value, tp, key: str):
-    "Check (and lightly coerce) a value against a type hint; raise ConfigError naming the key."
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, getattr(__import__('types'), 'UnionType', None)):
-        if value is None and type(None) in args: return None
-        errors = []
-        for a in args:
-            if a is type(None): continue
-            try: return _check_type(value, a, key)
-            except ConfigError as e: errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
-    if dataclasses.is_dataclass(tp): return _build(tp, value, key)
-    if origin is list:
-        if not isinstance(value, list): raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
-        return [_check_type(v, args[0], f"{key}[{k}]") for k, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict): raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
-        return {_check_type(k, args[0], key): _check_type(v, args[1], f"{key}.{k}") for k, v in value.items()}
-    if tp is float and isinstance(value, int) and not isinstance(value, bool): return float(value)
-    if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
-        raise ConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
-    return value
-
-def _build(cls, d, prefix: str):
-    "A dataclass instance from a dict, refusing unknown keys and wrong types."
-    if not isinstance(d, dict): raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(d).__name__} {d!r}")
-    hints, names = typing.get_type_hints(cls), [f.name for f in dataclasses.fields(cls)]
-    for k in d:
-        if k not in names:
-            near = difflib.get_close_matches(str(k), names, n=1)
-            raise ConfigError(f"{prefix + '.' if prefix else ''}{k}: unknown key" + (f" (did you mean {near[0]!r}?)" if near else '')
-                              + f"; allowed in {prefix or 'the top level'}: {', '.join(names)}")
-    return cls(**{k: _check_type(v, hints[k], f"{prefix + '.' if prefix else ''}{k}") for k, v in d.items()})
-
-@dataclass(frozen=True)
-class Range:
-    "The allowed values of a numeric config field: an interval (None: unbounded) and values allowed outside it."
-    lo: float | None = None   # lowest allowed value
-    hi: float | None = None   # highest allowed value
-    lo_open: bool = False     # `lo` itself is not allowed
-    hi_open: bool = False     # `hi` itself is not allowed
-    also: tuple = ()          # values allowed outside the interval (max_steps: -1)
-    fix: str = ''             # what to do, for the message
-
-    def __contains__(self, v) -> bool:
-        if v in self.also: return True
-        if isinstance(v, float) and not math.isfinite(v): return False
-        return ((self.lo is None or (v > self.lo if self.lo_open else v >= self.lo)) and
-                (self.hi is None or (v < self.hi if self.hi_open else v <= self.hi)))
-
-    def __str__(self) -> str:
-        if self.lo is not None and self.hi is not None:
-            s = f"{'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
-        elif self.lo is not None: s = f"{'>' if self.lo_open else '>='} {self.lo:g}"
-        else: s = f"{'<' if self.hi_open else '<='} {self.hi:g}"
-        return s + ''.join(f" or {a!r}" for a in self.also)
-
-    def message(self, key: str, v) -> str:
-        "The one-line error for value `v` of `key`."
-        what = 'not a finite number' if isinstance(v, float) and not math.isfinite(v) else 'out of range'
-        return f"{key}: {v!r} is {what} (allowed: {self}){'; ' + self.fix if self.fix else ''}"
-
-POS_INT = Range(1, fix='use 1 or more')
-CONFIG_RANGES = {   # every int / float field of the schema has an entry (`VLMLabConfig.check` refuses one that has none)
-    'model.head_d_model': POS_INT, 'model.num_queries': POS_INT, 'model.max_caption_length': POS_INT,
-    'data.max_length': Range(1, fix='the most tokens per sample, e.g. 4096'),
-    'data.max_tokens': Range(1, fix='the packing budget (tokens per packed row), at least the longest sample'),
-    'data.teacher_ratio': Range(0, 1, fix='a probability'), 'data.n_teachers': Range(0),
-    'stage.lrs.*': Range(0, 10, lo_open=True, fix='a learning rate > 0 (e.g. 1e-4); to freeze a group, leave it out of the stage'),
-    'stage.lora_r': POS_INT,
-    'training.epochs': Range(0, lo_open=True, fix='passes over the data, e.g. 1 (or set max_steps)'),
-    'training.max_steps': Range(1, also=(-1,), fix='optimizer steps to run, or -1 to run training.epochs'),
-    'training.per_device_batch_size': Range(1, fix='samples (or packed rows) per device and micro-step: use 1 or more'),
-    'training.gradient_accumulation_steps': Range(1, fix='micro-steps per optimizer step: use 1 for no accumulation'),
-    'training.weight_decay': Range(0, 1, fix='AdamW weight decay, e.g. 0.0 or 0.01'),
-    'training.warmup_ratio': Range(0, 1, hi_open=True, fix='a fraction of the run (0.03 warms up over 3% of the steps), never all of it'),
-    'training.max_grad_norm': Range(0, fix='the clipping norm, or 0 for no clipping'),
-    'training.seed': Range(0, 2**32 - 1), 'training.logging_steps': POS_INT, 'training.save_steps': POS_INT,
-    'training.lm_weight': Range(0, fix='the LM loss weight, >= 0'),
-    'training.detection.detection_bbox_weight': Range(0), 'training.detection.detection_giou_weight': Range(0),
-    'training.detection.detection_objectness_weight': Range(0), 'training.detection.detection_caption_weight': Range(0),
-    'training.detection.focal_alpha': Range(0, 1), 'training.detection.focal_gamma': Range(0),
-}
-
-def _numeric_values(obj, prefix: str = ''):
-    "(dotted key, value) of every int / float value of a config dataclass (dict values included), bools excepted."
-    for f in dataclasses.fields(obj):
-        v, key = getattr(obj, f.name), f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(v): yield from _numeric_values(v, key + '.')
-        elif isinstance(v, dict): yield from ((f"{key}.{k}", x) for k, x in v.items() if isinstance(x, (int, float)) and not isinstance(x, bool))
-        elif isinstance(v, (int, float)) and not isinstance(v, bool): yield key, v
-
-
-# %% ../nbs/06_model.ipynb #06-model-027c
-COMPLETE_MARKER = 'vlmlab_complete.json'
-MARKER_FORMAT = 'vlmlab.checkpoint/2'   # /1 listed sizes only
-TRAINER_WEIGHTS = 'vlmlab_model.safetensors'   # the module state dict BBUTrainer saves in checkpoint-N/
-LOADABLE = ('.safetensors', '.bin', '.pt', '.pth', '.json')   # what a loader may read: never unlisted in a marked folder
-
-class CheckpointError(ValueError):
-    "A checkpoint or model folder that cannot be trusted or loaded; the message names the file and what to do."
-
-def _digest(path: Path) -> dict:
-    "Size and sha256 of a file, flushed to disk first (the marker vouches for durable bytes)."
-    with open(path, 'rb') as f:
-        try: os.fsync(f.fileno())
-        except OSError: pass   # a file system that cannot fsync a read-only handle: the hash still vouches for the bytes
-        return {'size': os.fstat(f.fileno()).st_size, 'sha256': hashlib.file_digest(f, 'sha256').hexdigest()}
-
-def _files_of(folder: Path) -> list[Path]:
-    return [p for p in sorted(folder.rglob('*')) if p.is_file() and p.name != COMPLETE_MARKER and not p.name.startswith('.')]
-
-def _write_marker(folder: str | Path, # a checkpoint or export folder, every file written
-                  step: int, # the optimizer step it holds (0 for an export of unknown step)
-                 ) -> dict:
-    "Write the completion marker: size and sha256 of every file in the folder, atomically, last; return it."
-    from vlmlab.data import write_atomic
-    folder = Path(folder)
-    files = _files_of(folder)
-    with ThreadPoolExecutor(min(8, max(1, len(files)))) as pool:   # hashlib releases the GIL: big files hash in parallel
-        digests = list(pool.map(_digest, files))
-    m = {'format': MARKER_FORMAT, 'step': step, 'files': {str(p.relative_to(folder)): d for p, d in zip(files, digests)}}
-    write_atomic(folder / COMPLETE_MARKER, json.dumps(m, indent=1).encode())
-    return m
-
-def _safetensors_problem(f: Path) -> str | None:
-    "Why a .safetensors file is not complete (its header against its size), or None; reads the header only."
-    size = f.stat().st_size
-    with open(f, 'rb') as fh:
-        head = fh.read(8)
-        n = int.from_bytes(head, 'little') if len(head) == 8 else -1
-        if n < 2 or n > size - 8: return f"{f}: truncated or not a safetensors file ({size} bytes; its header length reads {n})"
-        try: header = json.loads(fh.read(n))
-        except ValueError: return f"{f}: not a safetensors file (its header is not JSON)"
-    try: end = max((int(v['data_offsets'][1]) for k, v in header.items() if k != '__metadata__'), default=0)
-    except (TypeError, KeyError, IndexError, ValueError): return f"{f}: not a safetensors file (its header lists no data offsets)"
-    if 8 + n + end > size: return f"{f}: truncated safetensors file: its header declares {8 + n + end} bytes, the file has {size}"
-    return None
-
-def checkpoint_problem(folder: str | Path, # a checkpoint-N/ or export folder
-                       require_marker: bool = True, # a folder without vlmlab_complete.json is a problem
-                      ) -> str | None:
-    "The first reason `folder` is not an intact checkpoint (naming the file), or None: marker, sizes, sha256, safetensors headers."
-    folder = Path(folder)
-    if not folder.is_dir(): return f"{folder}: no such checkpoint folder"
-    mf = folder / COMPLETE_MARKER
-    if mf.exists():
-        try: m = json.loads(mf.read_text(encoding='utf-8')); files = m['files']; assert isinstance(files, dict)
-        except (OSError, ValueError, KeyError, TypeError, AssertionError): return f"{mf}: unreadable completion marker"
-        if m.get('format') != MARKER_FORMAT or not all(isinstance(v, dict) for v in files.values()):
-            return f"{mf}: an older marker with sizes only (no sha256): the files cannot be verified"
-        for rel, want in files.items():
-            f = folder / rel
-            if Path(rel).is_absolute() or '..' in Path(rel).parts: return f"{mf}: lists {rel!r}, a path outside the folder"
-            if not f.is_file(): return f"{f}: listed in {COMPLETE_MARKER} but missing"
-            if f.stat().st_size != want['size']: return f"{f}: {f.stat().st_size} bytes, its marker says {want['size']} (truncated or replaced)"
-        for rel, want in files.items():
-            with open(folder / rel, 'rb') as fh: got = hashlib.file_digest(fh, 'sha256').hexdigest()
-            if got != want['sha256']: return f"{folder / rel}: content differs from the sha256 in {COMPLETE_MARKER} (overwritten or corrupt)"
-        extra = [p for p in _files_of(folder) if p.suffix in LOADABLE and str(p.relative_to(folder)) not in files]
-        if extra: return f"{extra[0]}: not listed in {COMPLETE_MARKER} (added or replaced after the save)"
-    elif require_marker:
-        return f"{folder}: no {COMPLETE_MARKER}: the save did not finish (killed, or out of space, while writing)"
-    for f in sorted(folder.glob('*.safetensors')):
-        if (bad := _safetensors_problem(f)): return bad
-    return None
-
-def checkpoint_complete(folder: str | Path) -> bool:
-    "True when a checkpoint folder has its marker and every file it lists, with the listed size and sha256."
-    return checkpoint_problem(folder) is None
-
-def verify_checkpoint(folder: str | Path, # a checkpoint-N/, a run's final/ or any local model folder
-                      require_marker: bool | None = None, # None: required for Trainer checkpoints (checkpoint-N/), a warning for final/
-                     ) -> None:
-    "Refuse a checkpoint or model folder whose files are not the ones its marker vouches for (CheckpointError naming the file)."
-    folder = Path(folder)
-    trainer_ckpt = (folder / TRAINER_WEIGHTS).exists() or (folder / 'trainer_state.json').exists() or bool(re.fullmatch(r'checkpoint-\d+', folder.name))
-    required = trainer_ckpt if require_marker is None else require_marker
-    if (bad := checkpoint_problem(folder, required)):
-        raise CheckpointError(f"{bad}; use an intact checkpoint (last_good_checkpoint(output_dir) picks the newest one) or retrain")
-    if not (folder / COMPLETE_MARKER).exists() and (folder.name == 'final' or (folder / 'detection_head.safetensors').exists()):
-        warnings.warn(f"{folder}: no {COMPLETE_MARKER}: its files are unverified (exported by an older vlmlab, or copied without it)", stacklevel=2)
-
-
-# %% ../nbs/06_model.ipynb #06-model-028
-from .tokens import assert_special_tokens, OBJECT_REF_START, OBJECT_REF_END
-from .detection import DetectionHead, VLMDetector
-
-FAMILY_OF_MODEL_TYPE = {'qwen2_vl': 'qwen2_vl', 'qwen2_5_vl': 'qwen2_5_vl', 'qwen3_vl': 'qwen3_vl'}
-HUB_ID = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$')   # 'org/name', as the Hub allows
-
-class ModelNotFoundError(ConfigError, FileNotFoundError):
-    "A model given as a local path that does not exist (it is never looked up on the Hub)."
-
-def looks_like_path(name_or_path: str, # a model name from a config or the command line
-                   ) -> bool:
-    "True when `name_or_path` can only be a local path: not an 'org/name' hub id (or a bare legacy hub name)."
-    s = str(name_or_path)
-    if s.startswith(('.', '/', '~')) or os.path.isabs(s) or '\\' in s or (os.altsep and os.altsep in s): return True
-    if '/' not in s: return s.endswith(('.safetensors', '.json', '.bin', '.pt'))   # 'gpt2'-style names are hub ids
-    if s.count('/') > 1 or not HUB_ID.match(s) or '--' in s or '..' in s or s.endswith(('.', '-')): return True
-    return Path(s.split('/')[0]).is_dir()   # 'runs/exp1' where runs/ is a folder here is a path, not an organisation
-
-def resolve_model_path(name_or_path: str | Path, # hub id, local folder, or tiny-kit/<family>
-                      ) -> str:
-    "A hub id as given, a local folder that exists, or `tiny-kit/<family>`'s folder; a missing local path raises ModelNotFoundError."
-    s = str(name_or_path)
-    if s.startswith('tiny-kit/'):
-        from vlmlab.tiny import tiny_kit
-        return str(tiny_kit(s.split('/', 1)[1]))
-    p = Path(s).expanduser()
-    if p.exists(): return str(p)
-    if looks_like_path(s):
-        parent = next((q for q in p.absolute().parents if q.exists()), None)
-        raise ModelNotFoundError(f"{s}: no such model folder (nearest existing folder: {parent}); a local path is never looked up "
-                                 "on the Hub: check the path, or give a hub id as 'org/name'")
-    return s
-
-def _model_folder_problem(path: Path) -> str | None:
-    "Why a local folder cannot be loaded as a model (None when it looks like one)."
-    if not path.is_dir(): return f"{path}: is a file, not a model folder (give the folder that holds config.json)"
-    if (path / 'config.json').is_file(): return None
-    if (path / 'final' / 'config.json').is_file(): return f"{path}: a run folder, not a model folder; load its export {path / 'final'}"
-    return f"{path}: no config.json, so not a model folder (a transformers save_pretrained folder, a checkpoint-N/ or a run's final/)"
-
-def load_model(config: ModelConfig, # which model, head and dtype
-               loss_config: DetectionLossConfig | None = None, # detection loss weights
-               lm_weight: float = 1.0, # weight of the LM loss next to the detection loss
-              ) -> VLMDetector:
-    "Load a Qwen-VL model with its tokenizer and image processor, check its files and tokens, and add the head if asked."
-    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
-    if not config.name_or_path: raise ConfigError("model.name_or_path is empty: give a hub id, a folder, or tiny-kit/<family>")
-    if config.dtype not in ('float32', 'bfloat16'):
-        raise ConfigError(f"model.dtype: {config.dtype!r}; use float32 or bfloat16 (fp16 overflows in Qwen-VL models)")
-    path = resolve_model_path(config.name_or_path)
-    local = Path(path).exists()
-    if local:
-        if (bad := _model_folder_problem(Path(path))): raise ModelNotFoundError(bad)
-        verify_checkpoint(path)   # marker hashes when it has one; every safetensors file complete
-    try:
-        tok, ip = AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path)
-        vlm = AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, config.dtype),
-                                                          attn_implementation=config.attn_implementation)
-    except (OSError, ValueError) as e:
-        if not local: raise
-        raise CheckpointError(f"{path}: cannot be loaded as a model ({str(e).strip().splitlines()[0][:300]})") from None
-    family = FAMILY_OF_MODEL_TYPE.get(vlm.config.model_type)
-    if family is None: raise ConfigError(f"{config.name_or_path}: model_type {vlm.config.model_type!r} is not a Qwen-VL family "
-                                         f"model ({', '.join(FAMILY_OF_MODEL_TYPE)})")
-    assert_special_tokens(tok, vlm.config)
-    head = None
-    if config.detection_head:
-        head = DetectionHead(vlm.config.text_config.hidden_size, len(tok), tok.convert_tokens_to_ids(OBJECT_REF_START),
-                             tok.convert_tokens_to_ids(OBJECT_REF_END), d_model=config.head_d_model,
-                             num_queries=config.num_queries, max_caption_length=config.max_caption_length).to(vlm.dtype)
-    return VLMDetector(vlm, head, tok, ip, family, loss_config, lm_weight)
-
 
 # %% ../nbs/06_model.ipynb #06-model-031
 LORA_TARGETS = r'.*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)'

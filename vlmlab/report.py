@@ -27,15 +27,16 @@ from .data import read_jsonl, write_atomic
 from .diagnostics import (ABLATIONS, EXPLODING_ABOVE, FROZEN_BELOW, GOLDILOCKS, UNSTABLE_ABOVE, AblationResult,
                                 CurveThresholds, Verdict, ablation_samples, diagnose_loss_curve, grad_norm_verdicts, item_losses, loss_series,
                                 metric_series, update_ratio_verdicts)
-from .model import FAMILY_OF_MODEL_TYPE, VLMLabConfig, resolve_model_path, verify_checkpoint
+from .checkpoints import last_good_checkpoint, processing_kit
+from .config import LOSS_TERMS, VLMLabConfig
 
 # %% auto #0
 __all__ = ['HELDOUT_SPLITS', 'TRUNCATION_LIMIT', 'RUNBOOK_TRUNCATION_ADVICE', 'ABLATION_FORMAT', 'ABLATION_CONFIDENCE',
-           'ABLATION_CONDITIONS', 'ABLATION_KEYS', 'REPORT_PANELS', 'BALANCE_KEYS', 'model_folder', 'processing_kit',
-           'SplitCoverage', 'coverage_advice', 'DataReport', 'data_report', 'run_config', 'HeldOut', 'heldout_samples',
-           'load_eval_model', 'heldout_losses', 'ablation_record', 'save_ablation', 'load_ablation', 'ablation_result',
-           'skipped_text', 'read_run', 'png_bytes', 'loss_terms_figure', 'grad_norm_figure', 'update_ratio_figure',
-           'ablation_figure', 'consistent_loss_verdict', 'loss_balance_verdict', 'write_report']
+           'ABLATION_CONDITIONS', 'ABLATION_KEYS', 'REPORT_PANELS', 'BALANCE_KEYS', 'SplitCoverage', 'coverage_advice',
+           'DataReport', 'data_report', 'run_config', 'HeldOut', 'heldout_samples', 'heldout_losses', 'ablation_record',
+           'save_ablation', 'load_ablation', 'ablation_result', 'skipped_text', 'read_run', 'png_bytes',
+           'loss_terms_figure', 'grad_norm_figure', 'update_ratio_figure', 'ablation_figure', 'consistent_loss_verdict',
+           'loss_balance_verdict', 'write_report']
 
 # %% ../nbs/09_report.ipynb #09-report-006
 HELDOUT_SPLITS = ('heldout', 'eval', 'val', 'validation', 'test')   # held-out split names looked for, in this order
@@ -48,29 +49,6 @@ RUNBOOK_TRUNCATION_ADVICE = (
 def _splits_in(root: Path) -> list[str]:
     "The splits of a ds_output folder ({split}.jsonl, not the rejects)."
     return sorted(p.name[:-len('.jsonl')] for p in root.glob('*.jsonl') if not p.name.endswith('.rejects.jsonl'))
-
-def model_folder(name_or_path: str | Path, # hub id, folder, tiny-kit/<family>, or a run folder (its final/ is used)
-                ) -> str:
-    "The folder (or hub id) to load: tiny-kit/<family> resolved, a run folder replaced by its final/ export."
-    p = Path(resolve_model_path(str(name_or_path)))
-    if p.is_dir() and not (p / 'config.json').exists() and (p / 'final' / 'config.json').exists(): p = p / 'final'
-    if p.exists(): return str(p)
-    if p.is_absolute() or str(name_or_path).startswith('.') or str(name_or_path).count('/') != 1:
-        raise FileNotFoundError(f"{name_or_path}: no such model folder")
-    return str(name_or_path)   # a hub id
-
-def processing_kit(name_or_path: str | Path, # as for model_folder
-                  ) -> tuple[Any, Any, str]:
-    "The tokenizer, image processor and family of a model, without loading its weights."
-    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
-    path = model_folder(name_or_path)
-    try: tok, ip, cfg = AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path), AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise OSError(f"{name_or_path}: cannot load its tokenizer, image processor or config ({str(e).splitlines()[0]})") from None
-    family = FAMILY_OF_MODEL_TYPE.get(cfg.model_type)
-    if family is None:
-        raise ValueError(f"{name_or_path}: model_type {cfg.model_type!r} is not a Qwen-VL family model ({', '.join(FAMILY_OF_MODEL_TYPE)})")
-    return tok, ip, family
 
 # %% ../nbs/09_report.ipynb #09-report-007
 @dataclass
@@ -106,6 +84,7 @@ def coverage_advice(cov: SplitCoverage, # one split's coverage
                    f"them); first: {cov.errors[0]}")
     return out
 
+# %% ../nbs/09_report.ipynb #09-report-007b
 @dataclass
 class DataReport:
     "Truncation and label coverage of every split of a dataset, processed as the run's config processes it."
@@ -209,6 +188,7 @@ class HeldOut:
         "The tokenizer's pad id."
         return self.tokenizer.pad_token_id
 
+# %% ../nbs/09_report.ipynb #09-report-018b
 def heldout_samples(model: str | Path, # the model the items are for (its tokenizer, image processor and run config)
                     ds_output: str | Path, # the ds_output folder
                     split: str | None = None, # the held-out split (default: the first of HELDOUT_SPLITS present)
@@ -245,43 +225,6 @@ def heldout_samples(model: str | Path, # the model the items are for (its tokeni
     return HeldOut(samples, split, target, max_length, tok, skipped)
 
 # %% ../nbs/09_report.ipynb #09-report-019
-def _load_vlm_weights(vlm, # a transformers Qwen-VL model built from the checkpoint's config
-                      f: Path, # the checkpoint's vlmlab_model.safetensors
-                     ) -> None:
-    "Load the `vlm.*` tensors of a BBUTrainer checkpoint into `vlm`, strictly (tied weights are stored once; LoRA re-injected)."
-    from safetensors.torch import load_file
-    state = {k[len('vlm.'):]: v for k, v in load_file(str(f)).items() if k.startswith('vlm.')}
-    if not state: raise ValueError(f"{f}: no vlm.* tensors (not a vlmlab checkpoint)")
-    lora_a = [v for k, v in state.items() if 'lora_A' in k]
-    if lora_a:   # trained with stage.lora: inject adapters of the same rank (vlmlab's alpha = 2r) before loading
-        from vlmlab.model import add_lora
-        add_lora(vlm, lora_a[0].shape[0])
-    missing, unexpected = vlm.load_state_dict(state, strict=False)
-    own = vlm.state_dict()
-    loaded = {own[k].data_ptr() for k in state if k in own}
-    missing = [k for k in missing if own[k].data_ptr() not in loaded]
-    if missing or unexpected:
-        raise RuntimeError(f"{f}: the checkpoint does not fit its own config: missing {missing[:4]}, unexpected {unexpected[:4]}")
-
-def load_eval_model(path: str | Path, # checkpoint-N/, a run's final/, a run folder (its final/), tiny-kit/<family> or a hub id
-                   ):
-    "The VLM of a checkpoint or export, in eval mode, as a VLMDetector without head (tokenizer, image processor, family)."
-    from transformers import AutoConfig, AutoModelForImageTextToText
-    from vlmlab.detection import VLMDetector
-    from vlmlab.trainer import WEIGHTS_NAME   # here, not at the top: the trainer module imports transformers' Trainer
-    folder = model_folder(path)   # a missing local folder raises ModelNotFoundError here: never sent to the Hub
-    if Path(folder).is_dir(): verify_checkpoint(folder)   # CheckpointError naming the file whose bytes its marker does not vouch for
-    tok, ip, family = processing_kit(folder)
-    if (Path(folder) / WEIGHTS_NAME).is_file():
-        vlm = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(folder))
-        _load_vlm_weights(vlm, Path(folder) / WEIGHTS_NAME)
-    else:
-        try: vlm, info = AutoModelForImageTextToText.from_pretrained(folder, output_loading_info=True)
-        except (OSError, ValueError) as e: raise OSError(f"{path}: cannot load the model ({str(e).splitlines()[0]})") from None
-        bad = sorted(info.get('missing_keys', ())) + sorted(info.get('unexpected_keys', ()))
-        if bad: raise RuntimeError(f"{path}: its weights do not fit the model class ({bad[:4]}): evaluating it would use random weights")
-    return VLMDetector(vlm.eval(), None, tok, ip, family)
-
 @torch.no_grad()
 def heldout_losses(model, # a VLMDetector (from load_eval_model) or a transformers Qwen-VL model
                    heldout: HeldOut, # the items (heldout_samples)
@@ -335,6 +278,7 @@ def save_ablation(result: AblationResult, # from diagnostics.connector_ablation
     write_atomic(path, json.dumps(rec, indent=1).encode())
     return path
 
+# %% ../nbs/09_report.ipynb #09-report-027b
 def _missing_keys(rec: Mapping) -> list[str]:
     "Dotted names of the keys an ablation record lacks (top level, per condition, per interval bound)."
     miss = [k for k in ABLATION_KEYS if k not in rec]
@@ -391,7 +335,6 @@ def skipped_text(record: Mapping, # an ablation record (load_ablation)
 def read_run(run_dir: str | Path, # a `vlmlab train` output folder
             ) -> dict:
     "A run's metrics.json (or, mid-run, its last checkpoint's trainer_state.json), with 'source' naming the file read."
-    from vlmlab.trainer import last_good_checkpoint
     d = Path(run_dir)
     if not d.is_dir(): raise FileNotFoundError(f"{d}: no such run folder")
     f = d / 'metrics.json'
@@ -420,7 +363,6 @@ def _marker(n: int) -> str | None: return '.' if n < 40 else None
 def loss_terms_figure(log_history: Sequence[Mapping], # a run's log history
                      ) -> Figure | None:
     "The logged loss terms over steps (LM terms left, detection terms right), all-zero terms named, non-finite steps marked."
-    from vlmlab.trainer import LOSS_TERMS   # here: importing the trainer costs seconds `vlmlab report` need not spend
     panels = [(t, [k for k in keys if _logged(log_history, k)]) for t, keys in
               (('language-model terms', LOSS_TERMS[:4] + ('eval_loss',)), ('detection terms', LOSS_TERMS[4:]))]
     panels = [(t, keys) for t, keys in panels if keys]
@@ -654,6 +596,35 @@ def _seed_ratio_line(v: Verdict, judged: set) -> tuple[bool, str]:
     return True, (f"INFO {v.subject} update ratio lr·|grad|/|W|: {v.verdict} (the seeds' SGD formula; under Adam it understates "
                   f"the step, so this group is judged by its applied step |ΔW|/|W|)")
 
+def _summary(loss_v: list, grad_v: list, ur_v: list, sr_v: list, data_v: list, data: DataReport | None, rec: Mapping | None,
+             bal: Verdict | None) -> list[tuple[bool, str]]:
+    "(ok, line) of every verdict of the page, in the summary's order."
+    summary = ([(v.ok, str(v)) for v in loss_v] + [(v.ok, f"{'OK  ' if v.ok else 'FLAG'} {v.subject} gradient norm: {v.verdict} - {v.cause}") for v in grad_v]
+               + [_seed_ratio_line(v, {s.subject for s in sr_v}) for v in ur_v]
+               + [(v.ok, f"{'OK  ' if v.ok else 'FLAG'} {v.subject} applied step |ΔW|/|W|: {v.verdict} - {v.cause}") for v in sr_v]
+               + [(v.ok, str(v)) for v in data_v] + [(False, f"FLAG data: {a}") for a in (data.advice() if data else [])])
+    if rec is not None:
+        summary.append((rec['passed'], f"{'OK  ' if rec['passed'] else 'FLAG'} connector ablation: {'PASS' if rec['passed'] else 'FAIL'} - "
+                        + ', '.join(f"{k} {d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]" for k, d in rec['deltas'].items())
+                        + f" on {rec['n']} items" + (f"; {skipped_text(rec)}" if skipped_text(rec) else '')))
+    if bal is not None: summary.append((bal.ok, str(bal)))
+    return summary
+
+def _verdict_panels(loss_v: list, grad_v: list, ur_v: list, sr_v: list, bal: Verdict | None, floor: float) -> dict[str, str]:
+    "The HTML of the pathologies and verdicts panels, with the rules and bands they apply."
+    return {
+        'pathologies': (_verdict_table(loss_v) + f"<p class='muted'>Rules, in order: nan_death, diverging, plateau (never fell "
+                        f"significantly), hockey_stick, slow_burn, plateau (stuck high above floor {floor:g}), else healthy; fewer than "
+                        f"{CurveThresholds().min_points} logged losses: too_short (diagnostics.diagnose_loss_curve).</p>"),
+        'verdicts': ('<h3>Gradient-norm topology</h3>' + _verdict_table(grad_v)
+                     + f"<p class='muted'>0 at every step: broken graph; 0 at some: intermittent; above {EXPLODING_ABOVE:g}: exploding; NaN/inf: overflow.</p>"
+                     + '<h3>Update ratio lr·|grad|/|W|</h3>' + _verdict_table(ur_v)
+                     + '<h3>Applied step |ΔW|/|W| (what AdamW actually did)</h3>' + _verdict_table(sr_v)
+                     + ('<h3>Loss balance (detection head)</h3>' + _verdict_table([bal]) if bal is not None else '')
+                     + f"<p class='muted'>Bands (median over the logged steps): frozen below {FROZEN_BELOW:g}, goldilocks {GOLDILOCKS[0]:g} .. "
+                       f"{GOLDILOCKS[1]:g} around the 1e-3 target, unstable above {UNSTABLE_ABOVE:g}.</p>")}
+
+# %% ../nbs/09_report.ipynb #09-report-045b
 def write_report(run_dir: str | Path, # a `vlmlab train` output folder
                  out_dir: str | Path | None = None, # where index.html and the PNGs go (default: RUN_DIR/report)
                  data: DataReport | None = None, # truncation and label coverage over the dataset (data_report), if computed
@@ -681,15 +652,8 @@ def write_report(run_dir: str | Path, # a `vlmlab train` output folder
     loss_v = [consistent_loss_verdict(v, sr_v) for v in loss_v]
     counters = _data_counters(logs)
     data_v = [v for v in [_data_verdict(counters, TRUNCATION_LIMIT)] if v is not None]
-    summary = ([(v.ok, str(v)) for v in loss_v] + [(v.ok, f"{'OK  ' if v.ok else 'FLAG'} {v.subject} gradient norm: {v.verdict} - {v.cause}") for v in grad_v]
-               + [_seed_ratio_line(v, {s.subject for s in sr_v}) for v in ur_v]
-               + [(v.ok, f"{'OK  ' if v.ok else 'FLAG'} {v.subject} applied step |ΔW|/|W|: {v.verdict} - {v.cause}") for v in sr_v]
-               + [(v.ok, str(v)) for v in data_v] + [(False, f"FLAG data: {a}") for a in (data.advice() if data else [])])
-    if rec is not None:
-        summary.append((rec['passed'], f"{'OK  ' if rec['passed'] else 'FLAG'} connector ablation: {'PASS' if rec['passed'] else 'FAIL'} - "
-                        + ', '.join(f"{k} {d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]" for k, d in rec['deltas'].items())
-                        + f" on {rec['n']} items" + (f"; {skipped_text(rec)}" if skipped_text(rec) else '')))
-    if (bal := loss_balance_verdict(run.get('loss_balance'))) is not None: summary.append((bal.ok, str(bal)))
+    bal = loss_balance_verdict(run.get('loss_balance'))
+    summary = _summary(loss_v, grad_v, ur_v, sr_v, data_v, data, rec, bal)
     flags = sorted([s for ok, s in summary if not ok]) + [s for ok, s in summary if ok]
     n_flag = sum(not ok for ok, _ in summary)
     body = {
@@ -701,16 +665,7 @@ def write_report(run_dir: str | Path, # a `vlmlab train` output folder
         'update-ratio': images.get('update-ratio', '<p class="muted">no per-group update ratios logged</p>'),
         'ablation': _ablation_panel(rec, run_dir, images),
         'data': _data_panel(counters, data),
-        'pathologies': (_verdict_table(loss_v) + f"<p class='muted'>Rules, in order: nan_death, diverging, plateau (never fell "
-                        f"significantly), hockey_stick, slow_burn, plateau (stuck high above floor {floor:g}), else healthy; fewer than "
-                        f"{CurveThresholds().min_points} logged losses: too_short (diagnostics.diagnose_loss_curve).</p>"),
-        'verdicts': ('<h3>Gradient-norm topology</h3>' + _verdict_table(grad_v)
-                     + f"<p class='muted'>0 at every step: broken graph; 0 at some: intermittent; above {EXPLODING_ABOVE:g}: exploding; NaN/inf: overflow.</p>"
-                     + '<h3>Update ratio lr·|grad|/|W|</h3>' + _verdict_table(ur_v)
-                     + '<h3>Applied step |ΔW|/|W| (what AdamW actually did)</h3>' + _verdict_table(sr_v)
-                     + ('<h3>Loss balance (detection head)</h3>' + _verdict_table([bal]) if bal is not None else '')
-                     + f"<p class='muted'>Bands (median over the logged steps): frozen below {FROZEN_BELOW:g}, goldilocks {GOLDILOCKS[0]:g} .. "
-                       f"{GOLDILOCKS[1]:g} around the 1e-3 target, unstable above {UNSTABLE_ABOVE:g}.</p>")}
+        **_verdict_panels(loss_v, grad_v, ur_v, sr_v, bal, floor)}
     sections = ''.join(f'<section id="{pid}"><h2>{html.escape(title)}</h2>{body[pid]}</section>' for pid, title in REPORT_PANELS.items())
     page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>vlmlab report: {html.escape(run_dir.name)}</title>'
             f'<style>{_CSS}</style></head><body><h1>vlmlab run report: {html.escape(run_dir.name)}</h1>{sections}'

@@ -11,25 +11,29 @@ import json
 import random
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
+from .families import (DEFAULT_FAMILY, FAMILIES, QWEN_DEFAULT_SYSTEM, Family, UnknownFamilyError, family_of_config,
+                             family_record)
+
 # %% auto #0
-__all__ = ['QWEN_ENDOFTEXT_ID', 'SPECIAL_TOKENS', 'SPECIAL_BY_TEXT', 'ENDOFTEXT', 'IM_START', 'IM_END', 'OBJECT_REF_START',
-           'OBJECT_REF_END', 'BOX_START', 'BOX_END', 'QUAD_START', 'QUAD_END', 'VISION_START', 'VISION_END',
-           'VISION_PAD', 'IMAGE_PAD', 'VIDEO_PAD', 'CONFIG_TOKEN_FIELDS', 'QWEN_DEFAULT_SYSTEM', 'CHAT_FORMATS',
-           'ROLES', 'PROBE_CONVERSATIONS', 'PLACEHOLDER_PATTERNS', 'CHAT_MARKUP', 'SENTINEL_PROMPTS', 'SENTINEL_RULES',
-           'DEFAULT_FEWSHOT_POOL', 'SpecialToken', 'SpecialTokenError', 'special_token_ids', 'assert_special_tokens',
-           'ChatFormat', 'chat_format', 'qwen_chat_template', 'Segment', 'chatml_segments', 'render_chatml',
-           'generation_prompt', 'TemplateDriftError', 'first_difference', 'assert_template_matches',
+__all__ = ['QWEN_ENDOFTEXT_ID', 'SPECIAL_TOKENS', 'THINK_TOKENS', 'SPECIAL_BY_TEXT', 'ENDOFTEXT', 'IM_START', 'IM_END',
+           'OBJECT_REF_START', 'OBJECT_REF_END', 'BOX_START', 'BOX_END', 'QUAD_START', 'QUAD_END', 'VISION_START',
+           'VISION_END', 'VISION_PAD', 'IMAGE_PAD', 'VIDEO_PAD', 'THINK_START', 'THINK_END', 'CONFIG_TOKEN_FIELDS',
+           'CHAT_FORMATS', 'ROLES', 'PROBE_CONVERSATIONS', 'PLACEHOLDER_PATTERNS', 'CHAT_MARKUP', 'SENTINEL_PROMPTS',
+           'SENTINEL_RULES', 'DEFAULT_FEWSHOT_POOL', 'SpecialToken', 'family_tokens', 'special_layout',
+           'SpecialTokenError', 'special_token_ids', 'assert_special_tokens', 'assert_generation_stops', 'ChatFormat',
+           'chat_format', 'qwen_chat_template', 'Segment', 'TemplateRefusal', 'chatml_segments', 'render_chatml',
+           'generation_prompt', 'TemplateDriftError', 'first_difference', 'assert_template_matches', 'chat_format_of',
            'image_token_count', 'expand_image_pads', 'mm_token_type_ids', 'PlaceholderError', 'find_placeholders',
            'assert_no_placeholders', 'encode_chatml', 'ChatMarkupError', 'as_base_tokenizer', 'assert_no_chat_markup',
            'encode_base', 'SentinelReport', 'sentinel_report', 'base_generate', 'FewShotExample', 'CompletionPrompts']
 
 # %% ../nbs/00_tokens.ipynb #00-tokens-007
-QWEN_ENDOFTEXT_ID = 151643  # id of `<|endoftext|>` in every released Qwen2 / Qwen2.5 / Qwen3 checkpoint
+QWEN_ENDOFTEXT_ID = FAMILIES[DEFAULT_FAMILY].endoftext_id  # 151643: `<|endoftext|>` in every released Qwen2 / Qwen2.5 / Qwen3 checkpoint
 
 @dataclass(frozen=True)
 class SpecialToken:
@@ -41,8 +45,12 @@ class SpecialToken:
 
     @property
     def qwen_id(self) -> int:
-        "The id this token has in the released Qwen checkpoints."
+        "The id this token has in the released Qwen2 / Qwen2.5 / Qwen3 checkpoints."
         return QWEN_ENDOFTEXT_ID + self.offset
+
+    def family_id(self, family: str | Family) -> int:
+        "The id this token has in the released checkpoints of `family`: its block starts at the family's `<|endoftext|>`."
+        return family_record(family).endoftext_id + self.offset
 
 SPECIAL_TOKENS = (
     SpecialToken('ENDOFTEXT', '<|endoftext|>', 0, 'end of document; padding'),
@@ -60,9 +68,22 @@ SPECIAL_TOKENS = (
     SpecialToken('IMAGE_PAD', '<|image_pad|>', 12, 'one merged image patch'),
     SpecialToken('VIDEO_PAD', '<|video_pad|>', 13, 'one merged video patch'),
 )
-SPECIAL_BY_TEXT = {t.text: t for t in SPECIAL_TOKENS}
+THINK_TOKENS = (   # checked only for families whose template writes <think> blocks (Family.thinking)
+    SpecialToken('THINK_START', '<think>', 24, 'opens the reasoning of an answer'),
+    SpecialToken('THINK_END', '</think>', 25, 'closes the reasoning'),
+)
+SPECIAL_BY_TEXT = {t.text: t for t in SPECIAL_TOKENS + THINK_TOKENS}
 (ENDOFTEXT, IM_START, IM_END, OBJECT_REF_START, OBJECT_REF_END, BOX_START, BOX_END, QUAD_START, QUAD_END,
  VISION_START, VISION_END, VISION_PAD, IMAGE_PAD, VIDEO_PAD) = (t.text for t in SPECIAL_TOKENS)
+THINK_START, THINK_END = (t.text for t in THINK_TOKENS)
+
+def family_tokens(family: str | Family) -> tuple[SpecialToken, ...]:
+    "The special tokens vlmlab checks for `family`: the Qwen block, and the think tokens where its template writes them."
+    return SPECIAL_TOKENS + (THINK_TOKENS if family_record(family).thinking else ())
+
+def special_layout(family: str | Family) -> dict[str, int]:
+    "Token -> id of every checked special token, as the released checkpoints of `family` place it."
+    return {t.text: t.family_id(family) for t in family_tokens(family)}
 
 # config attribute -> the token whose id it must hold
 CONFIG_TOKEN_FIELDS = {'image_token_id': IMAGE_PAD, 'video_token_id': VIDEO_PAD,
@@ -76,19 +97,37 @@ class SpecialTokenError(ValueError):
 def _text_config(config):
     return getattr(config, 'text_config', None) or config
 
-def special_token_ids(tokenizer) -> dict[str, int]:
-    "The id of every Qwen special token in `tokenizer` (-1 where it is not a single token)."
+def special_token_ids(tokenizer, # a transformers tokenizer
+                      tokens: Sequence[SpecialToken] = SPECIAL_TOKENS, # the tokens to look up (`family_tokens(family)` for a family)
+                     ) -> dict[str, int]:
+    "The id of every special token in `tokenizer` (-1 where it is not a single token)."
     ids = {}
-    for t in SPECIAL_TOKENS:
+    for t in tokens:
         enc = tokenizer.encode(t.text, add_special_tokens=False)
         ids[t.text] = enc[0] if len(enc) == 1 else -1
     return ids
 
+def _config_family(config) -> Family | None:
+    try: return family_of_config(config) if config is not None else None
+    except UnknownFamilyError: return None
+
+def _layout_problem(base: int, fam: Family) -> str | None:
+    "Why a block at `base` is not `fam`'s layout; None when it is, or when `base` is a locally built vocabulary's."
+    if base == fam.endoftext_id: return None
+    others = sorted({f.title for f in FAMILIES.values() if f.endoftext_id == base})
+    if not others: return None    # a vocabulary no released family uses (the tiny kit's BPE): the config check binds it
+    img = SPECIAL_BY_TEXT[IMAGE_PAD]
+    return (f"the special block starts at {base} (<|image_pad|> = {base + img.offset}): that is the {' / '.join(others)} layout, "
+            f"but {fam.title} checkpoints start it at {fam.endoftext_id} (<|image_pad|> = {img.family_id(fam)}). "
+            f"Fix: load the tokenizer of the {fam.title} checkpoint, not one of another family.")
+
 def assert_special_tokens(tokenizer, # a transformers tokenizer
                           config=None, # the model config (optional): its token-id fields are checked too
+                          family: str | Family | None = None, # model family whose layout to require (default: the config's)
                          ) -> dict[str, int]:
-    "Check the tokenizer's special tokens against the Qwen layout and the model config; return their ids."
-    ids, problems = special_token_ids(tokenizer), []
+    "Check the tokenizer's special tokens against the family's Qwen layout and the model config; return their ids."
+    fam = family_record(family) if family is not None else _config_family(config)
+    ids, problems = special_token_ids(tokenizer, family_tokens(fam) if fam else SPECIAL_TOKENS), []
     for text, i in ids.items():
         if i < 0:
             n = len(tokenizer.encode(text, add_special_tokens=False))
@@ -100,8 +139,10 @@ def assert_special_tokens(tokenizer, # a transformers tokenizer
         if b != base:
             t = SPECIAL_BY_TEXT[text]
             problems.append(f"{text} has id {ids[text]} in the tokenizer, expected {base + t.offset} "
-                            f"(<|endoftext|> block at {base} + offset {t.offset}; Qwen checkpoints use {t.qwen_id}). "
+                            f"(<|endoftext|> block at {base} + offset {t.offset}; {fam.title if fam else 'Qwen'} checkpoints use "
+                            f"{t.family_id(fam) if fam else t.qwen_id}). "
                             f"Fix: the tokenizer was edited or belongs to another model; reload it from the model's checkpoint.")
+    if fam is not None and base is not None and (p := _layout_problem(base, fam)): problems.append(p)
     if config is not None:
         for fld, text in CONFIG_TOKEN_FIELDS.items():
             val = getattr(config, fld, None)
@@ -118,18 +159,37 @@ def assert_special_tokens(tokenizer, # a transformers tokenizer
         raise SpecialTokenError(f"{len(problems)} special-token problem(s):\n- " + '\n- '.join(problems))
     return ids
 
-# %% ../nbs/00_tokens.ipynb #00-tokens-022
-QWEN_DEFAULT_SYSTEM = 'You are a helpful assistant.'
+# %% ../nbs/00_tokens.ipynb #00-tokens-020b
+def _id_list(v) -> list[int]:
+    return [] if v is None else [int(x) for x in (v if isinstance(v, (list, tuple)) else [v])]
 
+def assert_generation_stops(tokenizer, # the model's tokenizer: its eos (<|im_end|>) ends every assistant turn
+                            config, # the model config
+                            generation_config=None, # what generate() reads (model.generation_config); None: built from the config
+                           ) -> str:
+    "Check that generate() stops at the end of an answer (the tokenizer's eos); return what it will stop at."
+    eos, name = tokenizer.eos_token_id, lambda ids: ', '.join(f"{tokenizer.convert_ids_to_tokens(i)} = {i}" for i in ids) or 'nothing'
+    cfg_eos = _id_list(getattr(_text_config(config), 'eos_token_id', None) or getattr(config, 'eos_token_id', None))
+    stops, src = ((_id_list(generation_config.eos_token_id), 'generation_config.eos_token_id') if generation_config is not None
+                  else (cfg_eos, 'config.eos_token_id (no generation config)'))
+    diff = (f"config.eos_token_id is {name(cfg_eos)} but the tokenizer's eos is {tokenizer.eos_token} = {eos}; "
+            if eos not in cfg_eos else '')
+    if eos not in stops:
+        raise SpecialTokenError(f"{diff}generate() stops at {src}: {name(stops)}, so after an answer's {tokenizer.eos_token} it "
+                                f"writes on into a new turn. Fix: generate(..., eos_token_id={sorted(set(stops) | {eos})}), or save "
+                                f"a generation_config.json whose eos_token_id lists {eos}.")
+    return f"{diff}generate() stops at {src}: {name(stops)}, so answers end at {tokenizer.eos_token}"
+
+# %% ../nbs/00_tokens.ipynb #00-tokens-022
 @dataclass(frozen=True)
 class ChatFormat:
     "How one model family writes ChatML."
-    family: str                  # model family: qwen2_vl, qwen2_5_vl, qwen3_vl
+    family: str                  # model family: qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_5, ...
     default_system: str | None   # system prompt inserted when the first message is not a system turn (None: none)
+    thinking: bool = False       # the Qwen3.5 template: <think> blocks, trimmed contents, and the conversations it refuses
+    think_by_default: bool = True  # a generation prompt without enable_thinking opens a think block (4B and up; 0.8B / 2B close it)
 
-CHAT_FORMATS = {'qwen2_vl': ChatFormat('qwen2_vl', QWEN_DEFAULT_SYSTEM),
-                'qwen2_5_vl': ChatFormat('qwen2_5_vl', QWEN_DEFAULT_SYSTEM),
-                'qwen3_vl': ChatFormat('qwen3_vl', None)}
+CHAT_FORMATS = {name: ChatFormat(name, f.default_system, f.thinking) for name, f in FAMILIES.items()}   # read from the family records
 
 def chat_format(family: str | ChatFormat) -> ChatFormat:
     "The `ChatFormat` of a model family (or the format itself)."
@@ -139,25 +199,61 @@ def chat_format(family: str | ChatFormat) -> ChatFormat:
     return CHAT_FORMATS[family]
 
 # %% ../nbs/00_tokens.ipynb #00-tokens-024
-def qwen_chat_template(family: str | ChatFormat = 'qwen2_vl') -> str:
+_VL_PARTS = ("{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+             "{% set image_count.value = image_count.value + 1 %}"
+             "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+             "{% elif content['type'] == 'video' or 'video' in content %}"
+             "{% set video_count.value = video_count.value + 1 %}"
+             "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+             "{% elif 'text' in content %}{{ content['text'] }}{% endif %}")
+
+def qwen_chat_template(family: str | ChatFormat = DEFAULT_FAMILY) -> str:
     "The Qwen-VL ChatML jinja template of a family, as stored with its tokenizer."
     fmt = chat_format(family)
+    if fmt.thinking: return _thinking_template(fmt)
     system = ("{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n"
               + fmt.default_system + "<|im_end|>\n{% endif %}") if fmt.default_system else ''
     return ("{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
             "{% for message in messages %}" + system +
             "<|im_start|>{{ message['role'] }}\n"
             "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
-            "{% else %}{% for content in message['content'] %}"
-            "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-            "{% set image_count.value = image_count.value + 1 %}"
-            "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
-            "{% elif content['type'] == 'video' or 'video' in content %}"
-            "{% set video_count.value = video_count.value + 1 %}"
-            "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
-            "{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
+            "{% else %}{% for content in message['content'] %}" + _VL_PARTS +
             "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+# %% ../nbs/00_tokens.ipynb #00-tokens-024b
+def _thinking_template(fmt: ChatFormat) -> str:
+    "The Qwen3.5 template's behaviour on system / user / assistant turns with text, image and video parts (no tools)."
+    content = ("{% macro body(message, count) %}{% if message['content'] is string %}{{ message['content'] }}"
+               "{% elif message['content'] is not none %}{% for content in message['content'] %}"
+               "{% if count %}" + _VL_PARTS + "{% elif 'text' in content %}{{ content['text'] }}"
+               "{% elif content['type'] == 'image' or 'image' in content or 'image_url' in content %}<|vision_start|><|image_pad|><|vision_end|>"
+               "{% elif content['type'] == 'video' or 'video' in content %}<|vision_start|><|video_pad|><|vision_end|>{% endif %}"
+               "{% endfor %}{% endif %}{% endmacro %}")
+    checks = ("{% set last = namespace(query=-1) %}{% for message in messages %}"
+              "{% if message['role'] == 'system' and not loop.first %}{{ raise_exception('System message must be at the beginning.') }}{% endif %}"
+              "{% if message['role'] == 'system' and message['content'] is not string and message['content'] is not none %}"
+              "{% for content in message['content'] %}{% if 'text' not in content %}"
+              "{{ raise_exception('System message cannot contain images.') }}{% endif %}{% endfor %}{% endif %}"
+              "{% set text = body(message, false)|trim %}"
+              "{% if message['role'] == 'user' and not (text.startswith('<tool_response>') and text.endswith('</tool_response>')) %}"
+              "{% set last.query = loop.index0 %}{% endif %}{% endfor %}"
+              "{% if last.query < 0 %}{{ raise_exception('No user query found in messages.') }}{% endif %}")
+    turns = ("{% for message in messages %}{% set text = body(message, true)|trim %}"
+             "{% if message['role'] != 'assistant' %}<|im_start|>{{ message['role'] }}\n{{ text }}<|im_end|>\n"
+             "{% else %}{% set think = namespace(text='', answer=text) %}"
+             "{% if message['reasoning_content'] is string %}{% set think.text = message['reasoning_content'] %}"
+             "{% elif '</think>' in text %}{% set think.text = text.split('</think>')[0].rstrip('\n').split('<think>')[-1].lstrip('\n') %}"
+             "{% set think.answer = text.split('</think>')[-1].lstrip('\n') %}{% endif %}"
+             "<|im_start|>assistant\n{% if loop.index0 > last.query %}<think>\n{{ think.text|trim }}\n</think>\n\n{% endif %}"
+             "{{ think.answer }}<|im_end|>\n{% endif %}{% endfor %}")
+    usual = "<think>\n" if fmt.think_by_default else "<think>\n\n</think>\n\n"     # without enable_thinking
+    switched = "<think>\n\n</think>\n\n" if fmt.think_by_default else "<think>\n"  # with the one value that changes it
+    test = 'false' if fmt.think_by_default else 'true'   # the released guards: "is false" (4B and up), "is true" (0.8B, 2B)
+    prompt = ("{% if add_generation_prompt %}<|im_start|>assistant\n"
+              f"{{% if enable_thinking is defined and enable_thinking is {test} %}}{switched}{{% else %}}{usual}{{% endif %}}{{% endif %}}")
+    return ("{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+            + content + checks + turns + prompt)
 
 # %% ../nbs/00_tokens.ipynb #00-tokens-025
 @dataclass(frozen=True)
@@ -173,6 +269,7 @@ class Segment:
 ROLES = ('system', 'user', 'assistant')
 
 def _parts(content, i: int) -> list[dict]:
+    if content is None: return []
     if isinstance(content, str): return [{'type': 'text', 'text': content}]
     if not isinstance(content, (list, tuple)):
         raise TypeError(f"message {i}: content must be a string or a list of parts, got {type(content).__name__}")
@@ -185,22 +282,79 @@ def _parts(content, i: int) -> list[dict]:
         else: raise ValueError(f"message {i}, part {j}: unknown content part {dict(p)!r}; expected image, video or text")
     return out
 
+# %% ../nbs/00_tokens.ipynb #00-tokens-025b
+class TemplateRefusal(ValueError):
+    "A conversation the family's own chat template refuses to render; vlmlab refuses it too rather than write something else."
+
+def _trimmed(parts: list[dict]) -> list[dict]:
+    "The parts as jinja's `|trim` leaves their joined text: whitespace stripped at both ends, across empty text parts."
+    parts = [dict(p) for p in parts]
+    for idx, strip in ((range(len(parts)), str.lstrip), (range(len(parts) - 1, -1, -1), str.rstrip)):
+        for k in idx:
+            if parts[k]['type'] != 'text': break
+            parts[k]['text'] = strip(parts[k]['text'])
+            if parts[k]['text']: break
+    return [p for p in parts if p['type'] != 'text' or p['text']]
+
+def _plain(parts: list[dict]) -> str:
+    return ''.join(p['text'] if p['type'] == 'text' else f"{VISION_START}{IMAGE_PAD if p['type'] == 'image' else VIDEO_PAD}{VISION_END}"
+                   for p in parts)
+
+def _last_query(messages: Sequence[Mapping]) -> int:
+    "Index of the last user turn that is not a wrapped tool response, as the Qwen3.5 template finds it; refuse what it refuses."
+    last = -1
+    for i, m in enumerate(messages):
+        parts = _parts(m.get('content'), i)
+        if m.get('role') == 'system':
+            if i: raise TemplateRefusal(f"message {i}: a system message after the first turn; the Qwen3.5 template raises "
+                                        "'System message must be at the beginning.': merge it into the first system message")
+            if any(p['type'] != 'text' for p in parts):
+                raise TemplateRefusal("message 0: an image or video in the system message; the Qwen3.5 template raises "
+                                      "'System message cannot contain images.': move it into a user message")
+        text = _plain(parts).strip()
+        if m.get('role') == 'user' and not (text.startswith('<tool_response>') and text.endswith('</tool_response>')): last = i
+    if last < 0: raise TemplateRefusal("the conversation has no user turn; the Qwen3.5 template raises 'No user query found in messages.'")
+    return last
+
+def _split_reasoning(m: Mapping, parts: list[dict], i: int) -> tuple[str, list[dict]]:
+    "(reasoning, answer parts) of an assistant turn: its `reasoning_content`, or the `<think>...</think>` its text opens with."
+    if isinstance(m.get('reasoning_content'), str): return m['reasoning_content'].strip(), parts
+    text = _plain(parts)
+    if THINK_END not in text: return '', parts
+    if any(p['type'] != 'text' for p in parts):
+        raise TemplateRefusal(f"message {i}: an assistant turn with both images and a </think>; vlmlab does not split those")
+    reasoning = text.split(THINK_END)[0].rstrip('\n').split(THINK_START)[-1].lstrip('\n')
+    return reasoning.strip(), [{'type': 'text', 'text': text.split(THINK_END)[-1].lstrip('\n')}]
+
+# %% ../nbs/00_tokens.ipynb #00-tokens-025c
 def chatml_segments(messages: Sequence[Mapping], # chat messages: {'role', 'content': str | list of parts}
-                    family: str | ChatFormat = 'qwen2_vl', # model family whose format to write
+                    family: str | ChatFormat = DEFAULT_FAMILY, # model family whose format to write
                     add_generation_prompt: bool = False, # end with the assistant header, for generation
                     add_vision_id: bool = False, # write "Picture n: " before each image, as the Qwen template can
+                    enable_thinking: bool | None = None, # thinking formats: open (True) or close (False) the think block of the prompt
                    ) -> list[Segment]:
     "Render `messages` as ChatML segments, each with its role and whether it is a training target."
     fmt, segs, n_img, n_vid = chat_format(family), [], 0, 0
     for i, m in enumerate(messages):
-        role = m.get('role')
-        if role not in ROLES: raise ValueError(f"message {i}: role {role!r} is not one of {ROLES}")
+        if m.get('role') not in ROLES: raise ValueError(f"message {i}: role {m.get('role')!r} is not one of {ROLES}")
+    last_query = _last_query(messages) if fmt.thinking else len(messages)
+    for i, m in enumerate(messages):
+        role, parts = m['role'], _parts(m.get('content', ''), i)
         if i == 0 and role != 'system' and fmt.default_system:
             segs += [Segment(f"{IM_START}system\n", 'system', kind='markup'), Segment(fmt.default_system, 'system'),
                      Segment(f"{IM_END}\n", 'system', kind='markup')]
         tgt = role == 'assistant'
         segs.append(Segment(f"{IM_START}{role}\n", role, kind='markup', message=i))
-        for p in _parts(m.get('content', ''), i):
+        if fmt.thinking:
+            parts = _trimmed(parts)
+            if tgt:
+                reasoning, parts = _split_reasoning(m, parts, i)
+                if i > last_query and reasoning:   # the prompt ends with an open block; the reasoning and its close are the answer's
+                    segs += [Segment(f"{THINK_START}\n", role, kind='markup', message=i), Segment(reasoning, role, True, message=i),
+                             Segment(f"\n{THINK_END}\n\n", role, True, 'markup', message=i)]
+                elif i > last_query:               # an empty block: the prompt of a non-thinking answer, as enable_thinking=False writes it
+                    segs.append(Segment(f"{THINK_START}\n\n{THINK_END}\n\n", role, kind='markup', message=i))
+        for p in parts:
             if p['type'] == 'image':
                 n_img += 1
                 if add_vision_id: segs.append(Segment(f"Picture {n_img}: ", role, tgt, message=i))
@@ -211,25 +365,35 @@ def chatml_segments(messages: Sequence[Mapping], # chat messages: {'role', 'cont
                 segs.append(Segment(f"{VISION_START}{VIDEO_PAD}{VISION_END}", role, False, 'video', n_vid - 1, i))
             elif p['text']: segs.append(Segment(p['text'], role, tgt, message=i))
         segs += [Segment(IM_END, role, tgt, 'markup', message=i), Segment('\n', role, kind='markup', message=i)]
-    if add_generation_prompt: segs.append(Segment(f"{IM_START}assistant\n", 'assistant', kind='markup', message=len(messages)))
+    if add_generation_prompt:
+        segs.append(Segment(f"{IM_START}assistant\n", 'assistant', kind='markup', message=len(messages)))
+        if fmt.thinking:
+            think = fmt.think_by_default if enable_thinking is None else enable_thinking
+            segs.append(Segment(f"{THINK_START}\n" if think else f"{THINK_START}\n\n{THINK_END}\n\n", 'assistant', kind='markup',
+                                message=len(messages)))
     return segs
 
 def render_chatml(messages: Sequence[Mapping], # chat messages: {'role', 'content': str | list of parts}
-                  family: str | ChatFormat = 'qwen2_vl', # model family whose format to write
+                  family: str | ChatFormat = DEFAULT_FAMILY, # model family whose format to write
                   add_generation_prompt: bool = False, # end with the assistant header, for generation
                   add_vision_id: bool = False, # write "Picture n: " before each image
+                  enable_thinking: bool | None = None, # thinking formats: open or close the prompt's think block (None: the format's default)
                  ) -> str:
     "Render `messages` as ChatML text: the one renderer for training, stored prompts and generation."
-    return ''.join(s.text for s in chatml_segments(messages, family, add_generation_prompt, add_vision_id))
+    return ''.join(s.text for s in chatml_segments(messages, family, add_generation_prompt, add_vision_id, enable_thinking))
 
 def generation_prompt(messages: Sequence[Mapping], # a conversation, with or without its final assistant answer
-                      family: str | ChatFormat = 'qwen2_vl', # model family whose format to write
+                      family: str | ChatFormat = DEFAULT_FAMILY, # model family whose format to write
                       add_vision_id: bool = False, # write "Picture n: " before each image
+                      enable_thinking: bool | None = None, # thinking formats: open or close the prompt's think block (None: the format's default)
                      ) -> str:
-    "The prompt to store with a sample and to generate from: the conversation up to its last answer."
-    msgs = list(messages)
-    if msgs and msgs[-1].get('role') == 'assistant': msgs = msgs[:-1]
-    return render_chatml(msgs, family, add_generation_prompt=True, add_vision_id=add_vision_id)
+    "The prompt to store with a sample and to generate from: the conversation up to its last answer (its training prefix)."
+    msgs, fmt = list(messages), chat_format(family)
+    if msgs and msgs[-1].get('role') == 'assistant':
+        if fmt.thinking and enable_thinking is None:   # the think block the training text gives this answer: the prompt is its prefix
+            enable_thinking = any(s.target and s.kind == 'markup' and THINK_END in s.text for s in chatml_segments(msgs, fmt))
+        msgs = msgs[:-1]
+    return render_chatml(msgs, family, add_generation_prompt=True, add_vision_id=add_vision_id, enable_thinking=enable_thinking)
 
 # %% ../nbs/00_tokens.ipynb #00-tokens-031
 class TemplateDriftError(ValueError):
@@ -244,6 +408,12 @@ PROBE_CONVERSATIONS = (
      {'role': 'assistant', 'content': [{'type': 'text', 'text': 'The first has more shapes.'}]},
      {'role': 'user', 'content': 'Where is the square?'},
      {'role': 'assistant', 'content': '[{"bbox_2d": [1, 2, 30, 40], "label": "square"}]'}],
+    [{'role': 'user', 'content': [{'type': 'image'}, {'type': 'text', 'text': ' Count the shapes. \n'}]},
+     {'role': 'assistant', 'content': 'Two.', 'reasoning_content': 'A circle and a square.'}],
+    [{'role': 'user', 'content': 'Name a shape.'},
+     {'role': 'assistant', 'content': '<think>\nRound ones are easy.\n</think>\n\nA circle.'},
+     {'role': 'user', 'content': 'And another?'},
+     {'role': 'assistant', 'content': '<think>\nFour sides.\n</think>\n\nA square.'}],
 )
 
 def first_difference(a: str, b: str, context: int = 30) -> str:
@@ -252,25 +422,37 @@ def first_difference(a: str, b: str, context: int = 30) -> str:
     return f"at character {i}: {a[max(0, i-context):i+context]!r} vs {b[max(0, i-context):i+context]!r}"
 
 def assert_template_matches(tokenizer, # tokenizer (or processor) carrying the model's chat template
-                            family: str | ChatFormat = 'qwen2_vl', # model family whose format vlmlab writes
+                            family: str | ChatFormat = DEFAULT_FAMILY, # model family (or format) whose text vlmlab writes
                             conversations: Iterable = PROBE_CONVERSATIONS, # probe conversations to render both ways
                            ) -> int:
     "Check that `render_chatml` equals the tokenizer's own chat template byte for byte; return the number of probes."
     if not getattr(tokenizer, 'chat_template', None):
         raise TemplateDriftError("the tokenizer has no chat template: this is a base model. "
                                  "Use encode_base for it, not the ChatML renderer.")
-    n = 0
+    fmt, n = chat_format(family), 0
     for conv in conversations:
         for gen in (False, True):
             if gen and conv[-1]['role'] == 'assistant': conv = conv[:-1]
-            ours = render_chatml(conv, family, add_generation_prompt=gen)
-            theirs = tokenizer.apply_chat_template(list(conv), tokenize=False, add_generation_prompt=gen)
-            if ours != theirs:
-                raise TemplateDriftError(f"the {chat_format(family).family} renderer and the tokenizer's chat template differ "
-                                         f"(add_generation_prompt={gen}) {first_difference(ours, theirs)}. "
-                                         "Fix: pass the family that matches the checkpoint, or load the checkpoint's own tokenizer.")
-            n += 1
+            for think in ((None, True, False) if gen and fmt.thinking else (None,)):
+                ours = render_chatml(conv, fmt, add_generation_prompt=gen, enable_thinking=think)
+                kw = {} if think is None else {'enable_thinking': think}
+                theirs = tokenizer.apply_chat_template(list(conv), tokenize=False, add_generation_prompt=gen, **kw)
+                if ours != theirs:
+                    raise TemplateDriftError(f"the {fmt.family} renderer and the tokenizer's chat template differ "
+                                             f"(add_generation_prompt={gen}{', enable_thinking=' + str(think) if kw else ''}) "
+                                             f"{first_difference(ours, theirs)}. Fix: pass the family that matches the checkpoint "
+                                             "(for Qwen3.5, `chat_format_of(tokenizer, family)`), or load the checkpoint's own tokenizer.")
+                n += 1
     return n
+
+def chat_format_of(tokenizer, # tokenizer carrying the checkpoint's chat template
+                   family: str | ChatFormat, # its model family
+                  ) -> ChatFormat:
+    "The family's format with the think default of this checkpoint's template (Qwen3.5 0.8B / 2B close the block, larger sizes open it)."
+    fmt = chat_format(family)
+    if not fmt.thinking or not getattr(tokenizer, 'chat_template', None): return fmt
+    probe = tokenizer.apply_chat_template([{'role': 'user', 'content': 'Hi'}], tokenize=False, add_generation_prompt=True)
+    return replace(fmt, think_by_default=not probe.endswith(f"{THINK_END}\n\n"))
 
 # %% ../nbs/00_tokens.ipynb #00-tokens-036
 def image_token_count(grid_thw: Sequence[int], # (t, h, w) patch grid of one image

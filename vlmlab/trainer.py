@@ -5,13 +5,10 @@
 # %% ../nbs/07_trainer.ipynb #07-trainer-003
 from __future__ import annotations
 
-import copy
-import errno
 import inspect
 import json
 import math
 import os
-from pickle import UnpicklingError   # the exception class only: nothing here unpickles
 import re
 import signal
 import sys
@@ -24,34 +21,35 @@ from typing import Sequence
 
 import torch
 import torch.distributed as dist
-from torch import nn
-from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 from accelerate.utils import DistributedType
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from fastcore.basics import patch
 
+from .attention import use_packed_attention
 from .chat import ChatError, ChatProcessor, ChatStats
 from .collators import PackedDataCollator, StandardDataCollator, packing_stats, plan_packs
 from .data import read_jsonl, validate, write_atomic
-from .detection import BALANCE_RATIO, BALANCE_TERMS, VLMDetector, check_loss_balance, detection_targets, loss_balance_ratio
-from .model import (COMPLETE_MARKER, TRAINER_WEIGHTS, CheckpointError, ConfigError, ModelConfig, VLMLabConfig, _write_marker, add_lora,
-                          apply_stage, assert_trainable_set, checkpoint_complete, checkpoint_problem, group_parameters, load_model,
-                          resolve_model_path, stage_groups, verify_checkpoint)
+from .detection import VLMDetector
+from .detection_loss import BALANCE_RATIO, BALANCE_TERMS, check_loss_balance, detection_targets, loss_balance_ratio
+from .checkpoints import (COMPLETE_MARKER, TRAINER_WEIGHTS, CheckpointError, _load_error, _save_error, _write_marker,
+                                check_trainable_record, checkpoint_complete, export_model, last_good_checkpoint, load_checkpoint_weights,
+                                load_model, save_trainer_weights, verify_checkpoint, write_trainable_record)
+from .config import LOSS_TERMS, ConfigError, VLMLabConfig
+from .model import add_lora, apply_stage, assert_trainable_set, group_parameters, optimizer_groups, stage_groups
+from .families import MODULE_GROUPS, family_record
+from .hybrid import make_packing_safe
 from .vision import ResizeSpec
 
 # %% auto #0
-__all__ = ['LOSS_TERMS', 'WEIGHTS_NAME', 'TRAINABLE_NAME', 'TESTED_TRANSFORMERS', 'STEP_GUARDS', 'TRAINER_HOOKS',
-           'TRAINER_ATTRIBUTES', 'STEP_HOOKS', 'RUN_FILES', 'DataError', 'SampleDataset', 'PackDataset',
-           'TrainingCollator', 'prepare_data', 'NonFiniteError', 'PickleRefusedError', 'CheckpointFileMissingError',
-           'RunExistsError', 'TrainingInterrupted', 'last_good_checkpoint', 'load_checkpoint_weights', 'merge_lora',
-           'export_model', 'load_detector', 'TrainerHookError', 'check_trainer_hooks', 'ConsoleProgressCallback',
-           'BBUTrainer', 'training_arguments', 'build_trainer', 'run_files', 'remove_run', 'train_from_config']
+__all__ = ['TESTED_TRANSFORMERS', 'STEP_GUARDS', 'TRAINER_HOOKS', 'TRAINER_ATTRIBUTES', 'STEP_HOOKS', 'RUN_FILES', 'DataError',
+           'SampleDataset', 'PackDataset', 'TrainingCollator', 'prepare_data', 'NonFiniteError', 'RunExistsError',
+           'TrainingInterrupted', 'TrainerHookError', 'check_trainer_hooks', 'ConsoleProgressCallback', 'BBUTrainer',
+           'training_arguments', 'build_trainer', 'run_files', 'remove_run', 'train_from_config']
 
 # %% ../nbs/07_trainer.ipynb #07-trainer-005
-LOSS_TERMS = ('loss', 'lm_loss', 'teacher_lm_loss', 'student_lm_loss', 'detection_loss', 'bbox_l1', 'bbox_giou', 'objectness', 'caption')
-
 class DataError(ValueError):
     "Training data that cannot be trained on; the message names every offending sample."
 
@@ -97,13 +95,15 @@ class TrainingCollator:
     max_tokens: int | None = None # capacity of one pack (a batch of k packs may hold k times this)
     spatial_merge_size: int = 2 # the merger's spatial merge size (packed mRoPE positions)
     detection: bool = False # add `detection_targets`
+    seq_idx: bool = False # packed rows also carry seq_idx (linear-attention families)
 
     def __call__(self, items: list) -> dict:
         "A padded batch, or one packed row, from the dataset's items."
         samples = [s for it in items for s in (it if isinstance(it, (list, tuple)) else [it])]   # packs (training) or samples (evaluation)
         pad = self.tokenizer.pad_token_id
         if self.packed:
-            batch = PackedDataCollator(pad, self.max_tokens * len(items) if self.max_tokens else None, self.spatial_merge_size)(samples)
+            batch = PackedDataCollator(pad, self.max_tokens * len(items) if self.max_tokens else None, self.spatial_merge_size,
+                                       flash_attn_kwargs=True, seq_idx=self.seq_idx)(samples)   # the boundaries, for vlmlab's packed attention and flash attention
         else: batch = StandardDataCollator(pad)(samples)
         if self.detection: batch['detection_targets'] = detection_targets(samples, self.tokenizer)
         return batch
@@ -151,15 +151,6 @@ def prepare_data(cfg: VLMLabConfig, # the run's config
 class NonFiniteError(FloatingPointError):
     "A NaN or inf in a loss term or a gradient; the message holds the diagnosis."
 
-WEIGHTS_NAME = TRAINER_WEIGHTS   # vlmlab_model.safetensors: the module's own state dict in checkpoint-N/
-TRAINABLE_NAME = 'vlmlab_trainable.json'   # what trained in the run that wrote a checkpoint (checked on resume)
-
-class PickleRefusedError(CheckpointError, UnpicklingError):
-    "A checkpoint file that torch.load(weights_only=True) refuses: a pickle that would run code, not tensors."
-
-class CheckpointFileMissingError(CheckpointError, FileNotFoundError):
-    "A checkpoint folder without the file a loader needs."
-
 class RunExistsError(ValueError):
     "The output folder already holds a run, and neither resume nor overwrite was asked for."
 
@@ -167,90 +158,6 @@ class TrainingInterrupted(RuntimeError):
     "Training stopped on SIGINT / SIGTERM at a clean point; `checkpoint` is complete and `--resume` continues from it."
     def __init__(self, message: str, checkpoint: str | None = None, step: int = 0, signal_name: str = 'SIGINT'):
         super().__init__(message); self.checkpoint, self.step, self.signal_name = checkpoint, step, signal_name
-
-def _checkpoints(output_dir: str | Path) -> list[Path]:
-    "The checkpoint-N folders of a run, highest step first."
-    cands = [(int(p.name.split('-')[-1]), p) for p in Path(output_dir).glob('checkpoint-*') if p.name.split('-')[-1].isdigit() and p.is_dir()]
-    return [p for _, p in sorted(cands, reverse=True)]
-
-def last_good_checkpoint(output_dir: str | Path, # a run's output folder
-                         skipped: list | None = None, # if given, gets (folder, reason) of every newer checkpoint passed over
-                        ) -> str | None:
-    "The highest-step intact checkpoint in `output_dir`: its marker lists every file with its size and sha256, and they match."
-    for p in _checkpoints(output_dir):
-        bad = checkpoint_problem(p)
-        if bad is None: return str(p)
-        if skipped is not None: skipped.append((str(p), bad))
-    return None
-
-def load_checkpoint_weights(model: VLMDetector, # the model to load into (same structure as when saved: head, LoRA)
-                            folder: str | Path, # a checkpoint folder written by BBUTrainer
-                            verify: bool = True, # check the marker's hashes first (False: the caller just did)
-                           ) -> None:
-    "Verify a BBUTrainer checkpoint (marker, sha256) and load its module state dict (safetensors) into `model`, strictly."
-    from safetensors.torch import load_model as load_safetensors_model
-    f = Path(folder) / WEIGHTS_NAME
-    if not f.exists(): raise CheckpointFileMissingError(f"{folder}: no {WEIGHTS_NAME} (not a vlmlab checkpoint-N/ folder)")
-    if verify: verify_checkpoint(folder, require_marker=True)
-    try: missing, unexpected = load_safetensors_model(model, str(f), strict=False)
-    except Exception as e:   # safetensors raises its own error type, without the file name
-        raise CheckpointError(f"{f}: cannot be read as safetensors ({str(e).splitlines()[0][:200]})") from None
-    missing = [k for k in missing if not k.startswith('criterion.')]   # the criterion shares the head's tensors
-    if missing or unexpected:
-        raise CheckpointError(f"{folder}: checkpoint does not fit the model (head / LoRA / family differ?): missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}")
-
-def merge_lora(vlm: nn.Module, # a model with peft LoRA adapters injected (vlmlab.model.add_lora)
-              ) -> nn.Module:
-    "A copy of the model with every LoRA adapter merged into its base weight and the adapter layers removed."
-    from peft.tuners.lora import LoraLayer
-    merged = copy.deepcopy(vlm)
-    for name, module in list(merged.named_modules()):
-        if isinstance(module, LoraLayer):
-            module.merge(safe_merge=True)   # raises on non-finite merged weights
-            parent, _, child = name.rpartition('.')
-            setattr(merged.get_submodule(parent), child, module.get_base_layer())
-    return merged
-
-def export_model(model: VLMDetector, # a trained model
-                 folder: str | Path, # where to write it (replaced as a whole: never a mix of two exports)
-                ) -> Path:
-    "Save the VLM with save_pretrained (LoRA merged), the head, tokenizer and image processor, with a hashed completion marker."
-    import shutil
-    folder = Path(folder); folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f'.{folder.name}.tmp-{os.getpid()}')
-    if tmp.exists(): shutil.rmtree(tmp)
-    vlm = model.vlm
-    if any('lora_' in n for n, _ in vlm.named_parameters()): vlm = merge_lora(vlm)
-    try:
-        vlm.save_pretrained(tmp, safe_serialization=True)
-        if model.head is not None:
-            save_file({k: v.detach().contiguous().cpu() for k, v in model.head.state_dict().items()}, str(tmp / 'detection_head.safetensors'))
-        model.tokenizer.save_pretrained(tmp); model.image_processor.save_pretrained(tmp)
-        _write_marker(tmp, 0)
-    except Exception as e:   # disk full and the like: nothing half-written stays, the previous export (if any) is untouched
-        raise _save_error(tmp, e, None, f'the export {folder}') from e
-    old = folder.with_name(f'.{folder.name}.old-{os.getpid()}')
-    if folder.exists(): os.replace(folder, old)
-    os.replace(tmp, folder)
-    if old.exists(): shutil.rmtree(old)
-    return folder
-
-def load_detector(folder: str | Path, # an export_model folder with detection_head.safetensors beside the model
-                  model: ModelConfig, # the run's model config (head sizes)
-                 ) -> VLMDetector:
-    "The exported VLM with its detection head (the inverse of `export_model`), verified against its marker, in eval mode."
-    folder = Path(resolve_model_path(folder))
-    det = load_model(ModelConfig(**{**model.__dict__, 'name_or_path': str(folder), 'detection_head': True}))   # verifies the folder
-    f = folder / 'detection_head.safetensors'
-    if not f.is_file(): raise CheckpointFileMissingError(f"{f}: missing: {folder} is not an export with a detection head (export_model writes one)")
-    try: state = load_file(str(f))
-    except Exception as e: raise CheckpointError(f"{f}: cannot be read as safetensors ({str(e).splitlines()[0][:200]})") from None
-    try: det.head.load_state_dict(state)
-    except RuntimeError as e:
-        raise CheckpointError(f"{f}: does not fit a head of model.head_d_model {model.head_d_model}, num_queries {model.num_queries} "
-                              f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e})") from None
-    return det.eval()
 
 def _total_norm(tensors: list) -> torch.Tensor | None:
     "L2 norm of a list of tensors (DTensors gathered), None for an empty list."
@@ -349,6 +256,7 @@ class _StepRatioCallback(TrainerCallback):
             t._norm_logs[f'step_ratio/{g}'] = float(delta) / max(float(torch.nn.utils.get_total_norm(t._snapshot[g])), 1e-12)
         t._snapshot = None
 
+# %% ../nbs/07_trainer.ipynb #07-trainer-010b
 class _StopCallback(TrainerCallback):
     "After an optimizer step, stop with a checkpoint when SIGINT / SIGTERM arrived (on any process: the flag is all-reduced)."
     def __init__(self, trainer): self.trainer = trainer
@@ -376,6 +284,7 @@ class _HookCallback(TrainerCallback):
             raise _hook_error(f"the Trainer saved step {state.global_step} without calling BBUTrainer._save_checkpoint, so "
                               f"{TRAINER_HOOKS['_save_checkpoint'][1]} were not written: resume would not find the checkpoint")
 
+# %% ../nbs/07_trainer.ipynb #07-trainer-010c
 class BBUTrainer(Trainer):
     "A transformers Trainer for Qwen-VL models: split LM loss, detection terms, exact accumulation, diagnostics, fail-fast."
     def __init__(self, model: VLMDetector, # the model (with or without a detection head) with its stage applied
@@ -396,7 +305,7 @@ class BBUTrainer(Trainer):
                               + '; '.join(TRAINER_ATTRIBUTES[a] for a in gone) + ' would be lost')
         self.model_accepts_loss_kwargs, self._loss_shifts_labels = True, True   # the LM loss is divided by num_items_in_batch
         self.stage, self.processor = stage, processor
-        self.lrs = lrs or {g: args.learning_rate for g in ('vision', 'merger', 'llm', 'adapter', 'head')}
+        self.lrs = lrs or {g: args.learning_rate for g in MODULE_GROUPS}
         self._acc, self._acc_keys, self._tokens, self._tokens_total = None, [], 0.0, 0.0
         self._steps_in_window, self._window_start, self._norm_logs = 0, None, {}
         self._window_boxes, self._trainable_checked, self._pre_step_done, self.last_good_step, self._trainable = None, False, -1, 0, {}
@@ -408,315 +317,286 @@ class BBUTrainer(Trainer):
             self.callback_handler.remove_callback(ProgressCallback); self.add_callback(ConsoleProgressCallback)
         self.callback_handler.remove_callback(PrinterCallback)   # without a progress bar (quiet), logs go to TensorBoard and metrics only
 
-    # ---- optimizer: one group per module (x decay / no decay), each with its learning rate
-    def create_optimizer(self, model=None):
-        "AdamW over `optimizer_groups`: per-module learning rates, no decay on biases and norms."
-        if self.optimizer is None:
-            from vlmlab.model import optimizer_groups
-            m = self.accelerator.unwrap_model(model if model is not None else self.model)
-            groups = [{k: v for k, v in g.items() if k != 'param_names'} for g in optimizer_groups(m, self.lrs, self.args.weight_decay)]
-            cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, m)   # the optimizer `args.optim` names (fused AdamW by default)
-            self.optimizer = cls(groups, **kwargs)
-        return self.optimizer
+# %% ../nbs/07_trainer.ipynb #07-trainer-010p0
+@patch
+def create_optimizer(self: BBUTrainer, model=None):
+    "AdamW over `optimizer_groups`: per-module learning rates, no decay on biases and norms."
+    if self.optimizer is None:
+        m = self.accelerator.unwrap_model(model if model is not None else self.model)
+        groups = [{k: v for k, v in g.items() if k != 'param_names'} for g in optimizer_groups(m, self.lrs, self.args.weight_decay)]
+        cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, m)   # the optimizer `args.optim` names (fused AdamW by default)
+        self.optimizer = cls(groups, **kwargs)
+    return self.optimizer
 
-    # ---- the loss
-    def get_batch_samples(self, epoch_iterator, num_batches, device):
-        "The Trainer's window of micro-batches, plus its target-box count over all processes (the detection normalizer)."
-        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
-        if not self._items_checked and batches and 'labels' in batches[0]:   # once: the divisor the LM loss needs reaches the loss
-            self._items_checked = True
-            want = sum(int((b['labels'][..., 1:] != -100).sum()) for b in batches)
-            if num_items is None or (self.accelerator.num_processes == 1 and int(num_items) != want):
-                raise _hook_error(f"Trainer.get_batch_samples counted num_items_in_batch = {None if num_items is None else int(num_items)}, "
-                                  f"not the {want} label tokens the LM loss predicts in this window, so "
-                                  + TRAINER_ATTRIBUTES['_loss_shifts_labels' if num_items is not None else 'model_accepts_loss_kwargs'] + ' is broken')
-        if batches and 'detection_targets' in batches[0]:
-            n = torch.tensor([float(sum(len(t['boxes']) for b in batches for t in b['detection_targets']))], device=device)
-            self._window_boxes = self.accelerator.gather(n).sum() if self.accelerator.num_processes > 1 else n[0]
-        return batches, num_items
+# %% ../nbs/07_trainer.ipynb #07-trainer-010p1
+@patch
+def get_batch_samples(self: BBUTrainer, epoch_iterator, num_batches, device):
+    "The Trainer's window of micro-batches, plus its target-box count over all processes (the detection normalizer)."
+    batches, num_items = super(BBUTrainer, self).get_batch_samples(epoch_iterator, num_batches, device)
+    if not self._items_checked and batches and 'labels' in batches[0]:   # once: the divisor the LM loss needs reaches the loss
+        self._items_checked = True
+        want = sum(int((b['labels'][..., 1:] != -100).sum()) for b in batches)
+        if num_items is None or (self.accelerator.num_processes == 1 and int(num_items) != want):
+            raise _hook_error(f"Trainer.get_batch_samples counted num_items_in_batch = {None if num_items is None else int(num_items)}, "
+                              f"not the {want} label tokens the LM loss predicts in this window, so "
+                              + TRAINER_ATTRIBUTES['_loss_shifts_labels' if num_items is not None else 'model_accepts_loss_kwargs'] + ' is broken')
+    if batches and 'detection_targets' in batches[0]:
+        n = torch.tensor([float(sum(len(t['boxes']) for b in batches for t in b['detection_targets']))], device=device)
+        self._window_boxes = self.accelerator.gather(n).sum() if self.accelerator.num_processes > 1 else n[0]
+    return batches, num_items
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        "Every loss term of the batch; stops on a non-finite term with a diagnosis."
-        pv = inputs.get('pixel_values')
-        if pv is not None and not bool(torch.isfinite(pv.sum())):   # before the forward pass: name the input (a sum is one cheap pass)
-            raise NonFiniteError(f"step {self.state.global_step + 1}: the batch's pixel_values hold {int((~torch.isfinite(pv)).sum())} "
-                                 f"non-finite values (bad input image or preprocessing) in samples {list(inputs.get('sample_ids', []))[:8]}; "
-                                 f"stopped before the forward pass. {self._where()}")
-        targets = inputs.get('detection_targets')
-        boxes = self._window_boxes if targets is not None and num_items_in_batch is not None else None
-        try: out = model(inputs, targets=targets, num_items_in_batch=num_items_in_batch, num_boxes=boxes)
-        except NonFiniteError: raise
-        except FloatingPointError as e:
-            raise NonFiniteError(f"step {self.state.global_step + 1}: {e} in samples {list(inputs.get('sample_ids', []))[:8]}; the inputs "
-                                 f"were finite, so the forward pass overflowed. {self._where()}") from None
-        terms = {k: out[k] for k in LOSS_TERMS if k in out and torch.is_tensor(out[k])}
-        vals = torch.stack([v.detach().float().reshape(()) for v in terms.values()])
-        if not bool(torch.isfinite(vals).all()): raise NonFiniteError(self._diagnose_loss(terms, inputs))
-        if model.training and num_items_in_batch is not None:
-            self._acc = vals if self._acc is None else self._acc + vals
-            self._acc_keys = list(terms)
-            real = inputs['attention_mask'].sum() if inputs.get('attention_mask') is not None else inputs['cu_seqlens'][len(inputs['sample_ids'])]
-            self._tokens = self._tokens + real.detach().float()   # stays on the device: no sync
-            if self._window_start is None: self._window_start = time.perf_counter()
-        loss = out['loss']
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None and self.accelerator.num_processes > 1:
-            loss = loss * self.accelerator.num_processes   # DDP averages gradients; the divisor already counts every process
-        return (loss, out) if return_outputs else loss
+@patch
+def compute_loss(self: BBUTrainer, model, inputs, return_outputs=False, num_items_in_batch=None):
+    "Every loss term of the batch; stops on a non-finite term with a diagnosis."
+    pv = inputs.get('pixel_values')
+    if pv is not None and not bool(torch.isfinite(pv.sum())):   # before the forward pass: name the input (a sum is one cheap pass)
+        raise NonFiniteError(f"step {self.state.global_step + 1}: the batch's pixel_values hold {int((~torch.isfinite(pv)).sum())} "
+                             f"non-finite values (bad input image or preprocessing) in samples {list(inputs.get('sample_ids', []))[:8]}; "
+                             f"stopped before the forward pass. {self._where()}")
+    targets = inputs.get('detection_targets')
+    boxes = self._window_boxes if targets is not None and num_items_in_batch is not None else None
+    if model.training and num_items_in_batch is not None and self._window_start is None:
+        self._window_start = time.perf_counter()   # before the first forward pass of the window: the step's whole time
+    try: out = model(inputs, targets=targets, num_items_in_batch=num_items_in_batch, num_boxes=boxes)
+    except NonFiniteError: raise
+    except FloatingPointError as e:
+        raise NonFiniteError(f"step {self.state.global_step + 1}: {e} in samples {list(inputs.get('sample_ids', []))[:8]}; the inputs "
+                             f"were finite, so the forward pass overflowed. {self._where()}") from None
+    terms = {k: out[k] for k in LOSS_TERMS if k in out and torch.is_tensor(out[k])}
+    vals = torch.stack([v.detach().float().reshape(()) for v in terms.values()])
+    if not bool(torch.isfinite(vals).all()): raise NonFiniteError(self._diagnose_loss(terms, inputs))
+    if model.training and num_items_in_batch is not None:
+        self._acc = vals if self._acc is None else self._acc + vals
+        self._acc_keys = list(terms)
+        real = inputs['attention_mask'].sum() if inputs.get('attention_mask') is not None else inputs['cu_seqlens'][len(inputs['sample_ids'])]
+        self._tokens = self._tokens + real.detach().float()   # stays on the device: no sync
+    loss = out['loss']
+    if self.args.average_tokens_across_devices and num_items_in_batch is not None and self.accelerator.num_processes > 1:
+        loss = loss * self.accelerator.num_processes   # DDP averages gradients; the divisor already counts every process
+    return (loss, out) if return_outputs else loss
 
-    # ---- before every optimizer step
-    def _is_log_step(self) -> bool:
-        s, every = self.state.global_step + 1, self.state.logging_steps or self.args.logging_steps
-        return (self.args.logging_first_step and s == 1) or (every > 0 and s % int(every) == 0)
+# %% ../nbs/07_trainer.ipynb #07-trainer-010p2
+@patch
+def _is_log_step(self: BBUTrainer) -> bool:
+    s, every = self.state.global_step + 1, self.state.logging_steps or self.args.logging_steps
+    return (self.args.logging_first_step and s == 1) or (every > 0 and s % int(every) == 0)
 
-    def _before_optimizer_step(self, model) -> dict[str, torch.Tensor] | None:
-        "Trainable-set check (first step), per-group gradient norms, NaN / inf stop, diagnostics on logging steps."
-        if self._pre_step_done == self.state.global_step: return None
-        self._pre_step_done = self.state.global_step
-        m = self.accelerator.unwrap_model(model)
-        if not self._trainable_checked:
-            assert_trainable_set(m, self.stage); self._trainable_checked = True
-            self._trainable = {g: [p for _, p in ps if p.requires_grad] for g, ps in group_parameters(m).items()}
-            self._trainable = {g: ps for g, ps in self._trainable.items() if ps}
-        norms = {g: n for g, ps in self._trainable.items() if (n := _total_norm([p.grad for p in ps if p.grad is not None])) is not None}
-        if norms and not bool(torch.isfinite(torch.stack([n.float() for n in norms.values()])).all()):
-            raise NonFiniteError(self._diagnose_grads(m, norms))
-        if self._is_log_step():
-            weights, lrs = {g: _total_norm([p.detach() for p in ps]) for g, ps in self._trainable.items()}, {}
-            for pg in self.optimizer.param_groups: lrs.setdefault(pg.get('group'), pg['lr'])
-            for g, n in norms.items():
-                gn, wn = float(n), float(weights[g])
-                self._norm_logs.update({f'grad_norm/{g}': gn, f'weight_norm/{g}': wn,
-                                        f'update_ratio/{g}': lrs.get(g, 0.0) * gn / max(wn, 1e-12), f'lr/{g}': lrs.get(g, 0.0)})
-            # the step AdamW actually applies differs from lr*|grad| (it divides by the gradient's running RMS): measure it too,
-            # at the cost of one copy of the trainable weights on logging steps
-            self._snapshot = {g: [p.detach().clone() for p in ps] for g, ps in self._trainable.items() if g in norms}
-        self._steps_in_window += 1
-        self.last_good_step = self.state.global_step + 1
-        return norms
+@patch
+def _before_optimizer_step(self: BBUTrainer, model) -> dict[str, torch.Tensor] | None:
+    "Trainable-set check (first step), per-group gradient norms, NaN / inf stop, diagnostics on logging steps."
+    if self._pre_step_done == self.state.global_step: return None
+    self._pre_step_done = self.state.global_step
+    m = self.accelerator.unwrap_model(model)
+    if not self._trainable_checked:
+        assert_trainable_set(m, self.stage); self._trainable_checked = True
+        self._trainable = {g: [p for _, p in ps if p.requires_grad] for g, ps in group_parameters(m).items()}
+        self._trainable = {g: ps for g, ps in self._trainable.items() if ps}
+    norms = {g: n for g, ps in self._trainable.items() if (n := _total_norm([p.grad for p in ps if p.grad is not None])) is not None}
+    if norms and not bool(torch.isfinite(torch.stack([n.float() for n in norms.values()])).all()):
+        raise NonFiniteError(self._diagnose_grads(m, norms))
+    if self._is_log_step():
+        weights, lrs = {g: _total_norm([p.detach() for p in ps]) for g, ps in self._trainable.items()}, {}
+        for pg in self.optimizer.param_groups: lrs.setdefault(pg.get('group'), pg['lr'])
+        for g, n in norms.items():
+            gn, wn = float(n), float(weights[g])
+            self._norm_logs.update({f'grad_norm/{g}': gn, f'weight_norm/{g}': wn,
+                                    f'update_ratio/{g}': lrs.get(g, 0.0) * gn / max(wn, 1e-12), f'lr/{g}': lrs.get(g, 0.0)})
+        # the step AdamW actually applies differs from lr*|grad| (it divides by the gradient's running RMS): measure it too,
+        # at the cost of one copy of the trainable weights on logging steps
+        self._snapshot = {g: [p.detach().clone() for p in ps] for g, ps in self._trainable.items() if g in norms}
+    self._steps_in_window += 1
+    self.last_good_step = self.state.global_step + 1
+    return norms
 
-    def _clip_grad_norm(self, model):
-        norms = self._before_optimizer_step(model)
-        plain = self.accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
-        if norms and plain and self.accelerator.scaler is None:   # clip with the norms just taken: one pass over the gradients, not two
-            total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms.values()]))
-            torch.nn.utils.clip_grads_with_norm_([p for p in model.parameters() if p.grad is not None], self.args.max_grad_norm, total)
-            return total
-        return super()._clip_grad_norm(model)
+# %% ../nbs/07_trainer.ipynb #07-trainer-010p3
+@patch
+def _clip_grad_norm(self: BBUTrainer, model):
+    norms = self._before_optimizer_step(model)
+    plain = self.accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
+    if norms and plain and self.accelerator.scaler is None:   # clip with the norms just taken: one pass over the gradients, not two
+        total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms.values()]))
+        torch.nn.utils.clip_grads_with_norm_([p for p in model.parameters() if p.grad is not None], self.args.max_grad_norm, total)
+        return total
+    return super(BBUTrainer, self)._clip_grad_norm(model)
 
-    def _get_grad_norm(self, model, grad_norm=None):
-        self._before_optimizer_step(model)
-        return super()._get_grad_norm(model, grad_norm)
+@patch
+def _get_grad_norm(self: BBUTrainer, model, grad_norm=None):
+    self._before_optimizer_step(model)
+    return super(BBUTrainer, self)._get_grad_norm(model, grad_norm)
 
-    def _check_step_hooks(self, step: int) -> None:
-        "TrainerHookError unless `_before_optimizer_step` ran for optimizer step `step` (0-based), through one of STEP_HOOKS."
-        if self._pre_step_done != step:
-            raise _hook_error(f"optimizer step {step + 1} ran without the Trainer calling BBUTrainer.{' or .'.join(STEP_HOOKS)}, so "
-                              f"{STEP_GUARDS} did not run")
+@patch
+def _check_step_hooks(self: BBUTrainer, step: int) -> None:
+    "TrainerHookError unless `_before_optimizer_step` ran for optimizer step `step` (0-based), through one of STEP_HOOKS."
+    if self._pre_step_done != step:
+        raise _hook_error(f"optimizer step {step + 1} ran without the Trainer calling BBUTrainer.{' or .'.join(STEP_HOOKS)}, so "
+                          f"{STEP_GUARDS} did not run")
 
-    # ---- diagnoses
-    def _where(self) -> str:
-        ck = last_good_checkpoint(self.args.output_dir)
-        return (f"last good step {self.last_good_step}; last good checkpoint: {ck or 'none intact yet'} "
-                "(its files match their sha256 in the marker, and no optimizer step was taken on a non-finite value)")
+# %% ../nbs/07_trainer.ipynb #07-trainer-010p4
+@patch
+def _where(self: BBUTrainer) -> str:
+    ck = last_good_checkpoint(self.args.output_dir)
+    return (f"last good step {self.last_good_step}; last good checkpoint: {ck or 'none intact yet'} "
+            "(its files match their sha256 in the marker, and no optimizer step was taken on a non-finite value)")
 
-    def _diagnose_loss(self, terms: dict, inputs: dict) -> str:
-        vals = {k: float(v.detach()) for k, v in terms.items()}
-        bad = {k: v for k, v in vals.items() if not math.isfinite(v)}
-        first = [k for k in bad if k not in ('loss', 'lm_loss', 'detection_loss')] or list(bad)
-        causes = []   # non-finite inputs were refused before the forward pass (compute_loss)
-        m = self.accelerator.unwrap_model(self.model)
-        badw = sorted({g for g, ps in group_parameters(m).items() for _, p in ps if not bool(torch.isfinite(p.detach()).all())})
-        if badw: causes.append(f"weights of {badw} are already non-finite")
-        if not causes: causes.append("inputs and weights are finite: the forward pass overflowed (fp16? too high a learning rate? "
-                                     "see update_ratio/* in the last logs)")
-        return (f"step {self.state.global_step + 1}: non-finite loss term(s) {', '.join(f'{k}={v}' for k, v in bad.items())} "
-                f"(first: {first[0]}; finite: {', '.join(f'{k}={v:.4g}' for k, v in vals.items() if k not in bad) or 'none'}) "
-                f"in samples {list(inputs.get('sample_ids', []))[:8]}. Likely cause: {'; '.join(causes)}. {self._where()}")
+@patch
+def _diagnose_loss(self: BBUTrainer, terms: dict, inputs: dict) -> str:
+    vals = {k: float(v.detach()) for k, v in terms.items()}
+    bad = {k: v for k, v in vals.items() if not math.isfinite(v)}
+    first = [k for k in bad if k not in ('loss', 'lm_loss', 'detection_loss')] or list(bad)
+    causes = []   # non-finite inputs were refused before the forward pass (compute_loss)
+    m = self.accelerator.unwrap_model(self.model)
+    badw = sorted({g for g, ps in group_parameters(m).items() for _, p in ps if not bool(torch.isfinite(p.detach()).all())})
+    if badw: causes.append(f"weights of {badw} are already non-finite")
+    if not causes: causes.append("inputs and weights are finite: the forward pass overflowed (fp16? too high a learning rate? "
+                                 "see update_ratio/* in the last logs)")
+    return (f"step {self.state.global_step + 1}: non-finite loss term(s) {', '.join(f'{k}={v}' for k, v in bad.items())} "
+            f"(first: {first[0]}; finite: {', '.join(f'{k}={v:.4g}' for k, v in vals.items() if k not in bad) or 'none'}) "
+            f"in samples {list(inputs.get('sample_ids', []))[:8]}. Likely cause: {'; '.join(causes)}. {self._where()}")
 
-    def _diagnose_grads(self, m, norms: dict) -> str:
-        bad = {g: float(n) for g, n in norms.items() if not bool(torch.isfinite(n))}
-        params = [n for g in bad for n, p in group_parameters(m)[g] if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
-        return (f"step {self.state.global_step + 1}: non-finite gradient norm in group(s) {bad} (finite: "
-                f"{ {g: round(float(n), 6) for g, n in norms.items() if g not in bad} }); parameters with non-finite gradients: "
-                f"{params[:6]}{' ...' if len(params) > 6 else ''} ({len(params)} in all). The loss was finite, so the backward pass "
-                f"overflowed. {self._where()}")
+@patch
+def _diagnose_grads(self: BBUTrainer, m, norms: dict) -> str:
+    bad = {g: float(n) for g, n in norms.items() if not bool(torch.isfinite(n))}
+    params = [n for g in bad for n, p in group_parameters(m)[g] if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+    return (f"step {self.state.global_step + 1}: non-finite gradient norm in group(s) {bad} (finite: "
+            f"{ {g: round(float(n), 6) for g, n in norms.items() if g not in bad} }); parameters with non-finite gradients: "
+            f"{params[:6]}{' ...' if len(params) > 6 else ''} ({len(params)} in all). The loss was finite, so the backward pass "
+            f"overflowed. {self._where()}")
 
-    # ---- logging
-    def log(self, logs: dict, start_time: float | None = None) -> None:
-        "Add the loss terms, norms, update ratios, learning rates, tokens/s and data counters to a training log."
-        if 'loss' in logs and self._acc is not None:
-            vals, toks = self._acc.clone(), torch.as_tensor(self._tokens, dtype=torch.float32, device=self.args.device)
+# %% ../nbs/07_trainer.ipynb #07-trainer-010p5
+@patch
+def log(self: BBUTrainer, logs: dict, start_time: float | None = None) -> None:
+    "Add the loss terms, norms, update ratios, learning rates, tokens/s and data counters to a training log."
+    if 'loss' in logs and self._acc is not None:
+        vals, toks = self._acc.clone(), torch.as_tensor(self._tokens, dtype=torch.float32, device=self.args.device)
+        if self.accelerator.num_processes > 1:
+            vals, toks = self.accelerator.reduce(vals.to(self.args.device), 'sum'), self.accelerator.reduce(toks, 'sum')
+        steps = max(1, self._steps_in_window)
+        logs.update({k: float(v) for k, v in zip(self._acc_keys, (vals / steps).tolist())})
+        now = time.perf_counter()
+        logs['tokens_per_second'] = float(toks) / max(now - self._window_start, 1e-9)
+        self._tokens_total += float(toks); logs['tokens_seen'] = self._tokens_total
+        logs.update(self._norm_logs)
+        if self.processor is not None:
+            st = self.processor.stats
             if self.accelerator.num_processes > 1:
-                vals, toks = self.accelerator.reduce(vals.to(self.args.device), 'sum'), self.accelerator.reduce(toks, 'sum')
-            steps = max(1, self._steps_in_window)
-            logs.update({k: float(v) for k, v in zip(self._acc_keys, (vals / steps).tolist())})
-            now = time.perf_counter()
-            logs['tokens_per_second'] = float(toks) / max(now - self._window_start, 1e-9)
-            self._tokens_total += float(toks); logs['tokens_seen'] = self._tokens_total
-            logs.update(self._norm_logs)
-            if self.processor is not None:
-                st = self.processor.stats
-                if self.accelerator.num_processes > 1:
-                    t = self.accelerator.reduce(torch.tensor([float(getattr(st, k)) for k in st.__dataclass_fields__], device=self.args.device), 'sum')
-                    st = ChatStats(*(int(x) for x in t.tolist()))
-                logs.update({f'data/{k}': v for k, v in st.summary().items()})
-            self._acc, self._tokens, self._steps_in_window, self._norm_logs, self._window_start = None, 0.0, 0, {}, now
-            if self._balance is None and (b := self.loss_balance(logs)) is not None:   # the first log with the detection terms
-                self._balance = b
-                if b['step'] == self.state.global_step: logs['loss_balance'] = b['warning'] or 'ok'   # (a resumed run logged it before)
-                if b['warning'] and self.args.process_index == 0: warnings.warn(f"step {b['step']}: {b['warning']}")
-        super().log(logs, start_time)
+                t = self.accelerator.reduce(torch.tensor([float(getattr(st, k)) for k in st.__dataclass_fields__], device=self.args.device), 'sum')
+                st = ChatStats(*(int(x) for x in t.tolist()))
+            logs.update({f'data/{k}': v for k, v in st.summary().items()})
+        self._acc, self._tokens, self._steps_in_window, self._norm_logs, self._window_start = None, 0.0, 0, {}, now
+        if self._balance is None and (b := self.loss_balance(logs)) is not None:   # the first log with the detection terms
+            self._balance = b
+            if b['step'] == self.state.global_step: logs['loss_balance'] = b['warning'] or 'ok'   # (a resumed run logged it before)
+            if b['warning'] and self.args.process_index == 0: warnings.warn(f"step {b['step']}: {b['warning']}")
+    super(BBUTrainer, self).log(logs, start_time)
 
-    def loss_balance(self, logs: dict | None = None, # a log being written (used when the history holds no detection terms yet)
-                    ) -> dict | None:
-        "The `check_loss_balance` verdict of the run's first log with detection terms (a resumed run's from its history), or None."
-        first = next((h for h in [*self.state.log_history, logs or {}] if all(k in h for k in BALANCE_TERMS)), None)
-        head = getattr(self.accelerator.unwrap_model(self.model), 'criterion', None)
-        if first is None or head is None: return None
-        cfg, warning = head.cfg, check_loss_balance(first, head.cfg)
-        return {'step': first.get('step', self.state.global_step), 'ok': warning is None, 'warning': warning,
-                'ratio': loss_balance_ratio(first, cfg), 'threshold': BALANCE_RATIO, **{k: float(first[k]) for k in BALANCE_TERMS},
-                'weights': {k: getattr(cfg, f'detection_{k}_weight') for k in ('bbox', 'giou', 'caption')}}
+@patch
+def loss_balance(self: BBUTrainer, logs: dict | None = None, # a log being written (used when the history holds no detection terms yet)
+                ) -> dict | None:
+    "The `check_loss_balance` verdict of the run's first log with detection terms (a resumed run's from its history), or None."
+    first = next((h for h in [*self.state.log_history, logs or {}] if all(k in h for k in BALANCE_TERMS)), None)
+    head = getattr(self.accelerator.unwrap_model(self.model), 'criterion', None)
+    if first is None or head is None: return None
+    cfg, warning = head.cfg, check_loss_balance(first, head.cfg)
+    return {'step': first.get('step', self.state.global_step), 'ok': warning is None, 'warning': warning,
+            'ratio': loss_balance_ratio(first, cfg), 'threshold': BALANCE_RATIO, **{k: float(first[k]) for k in BALANCE_TERMS},
+            'weights': {k: getattr(cfg, f'detection_{k}_weight') for k in ('bbox', 'giou', 'caption')}}
 
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        "Evaluation loss through `compute_loss` (the model takes the whole batch, not keyword inputs)."
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad(): loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
+@patch
+def prediction_step(self: BBUTrainer, model, inputs, prediction_loss_only, ignore_keys=None):
+    "Evaluation loss through `compute_loss` (the model takes the whole batch, not keyword inputs)."
+    inputs = self._prepare_inputs(inputs)
+    with torch.no_grad(): loss = self.compute_loss(model, inputs)
+    return loss.detach(), None, None
 
-    # ---- checkpoints
-    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        "Save the module's own state dict (safetensors), the model config, tokenizer and image processor."
-        from safetensors.torch import save_model as save_safetensors_model
-        out = Path(output_dir or self.args.output_dir); out.mkdir(parents=True, exist_ok=True)
-        m = self.accelerator.unwrap_model(self.model)
-        if state_dict is None: save_safetensors_model(m, str(out / WEIGHTS_NAME))   # tied / shared tensors stored once
-        else: save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items() if not k.startswith('criterion.')}, str(out / WEIGHTS_NAME))
-        m.vlm.config.save_pretrained(out); m.tokenizer.save_pretrained(out); m.image_processor.save_pretrained(out)
-        torch.save(self.args, out / 'training_args.bin')
+# %% ../nbs/07_trainer.ipynb #07-trainer-010p6
+@patch
+def _save(self: BBUTrainer, output_dir: str | None = None, state_dict=None) -> None:
+    "The module's state dict, LoRA settings, config, tokenizer and image processor (`save_trainer_weights`), and the training arguments."
+    out = Path(output_dir or self.args.output_dir)
+    save_trainer_weights(self.accelerator.unwrap_model(self.model), out, state_dict)
+    torch.save(self.args, out / 'training_args.bin')
 
-    def _trainable_signature(self) -> dict:
-        "What this run trains: the stage, its groups, LoRA or not, and the trainable parameter count per group."
-        m = self.accelerator.unwrap_model(self.model)
-        counts = {g: sum(p.numel() for _, p in ps if p.requires_grad) for g, ps in group_parameters(m).items()}
-        return {'stage': self.stage, 'groups': [g for g, n in counts.items() if n], 'lora': any('lora_' in n for n, _ in m.named_parameters()),
-                'trainable_parameters': {g: n for g, n in counts.items() if n}}
+@patch
+def _trainable_signature(self: BBUTrainer) -> dict:
+    "What this run trains: the stage, its groups, LoRA or not, and the trainable parameter count per group."
+    m = self.accelerator.unwrap_model(self.model)
+    counts = {g: sum(p.numel() for _, p in ps if p.requires_grad) for g, ps in group_parameters(m).items()}
+    return {'stage': self.stage, 'groups': [g for g, n in counts.items() if n], 'lora': any('lora_' in n for n, _ in m.named_parameters()),
+            'trainable_parameters': {g: n for g, n in counts.items() if n}}
 
-    def _save_checkpoint(self, model, trial) -> None:
-        "The Trainer's checkpoint, then what trained and the hashed completion marker; a failed write is a CheckpointError naming the folder."
-        self._checkpoint_step = self.state.global_step   # _HookCallback.on_save checks that the Trainer came through here
-        folder = Path(self._get_output_dir(trial)) / f'checkpoint-{self.state.global_step}'
-        if self.args.should_save and (folder / COMPLETE_MARKER).exists(): (folder / COMPLETE_MARKER).unlink()   # a stale folder of that step
-        try:
-            super()._save_checkpoint(model, trial)
-            self.accelerator.wait_for_everyone()   # every process has written its RNG state
-            if self.args.should_save and not (folder / WEIGHTS_NAME).is_file() and not self.is_deepspeed_enabled:
-                raise _hook_error(f"Trainer._save_checkpoint wrote {folder} without calling BBUTrainer._save, so "
-                                  f"{TRAINER_HOOKS['_save'][1]} ({WEIGHTS_NAME}) are missing")
-            if self.args.should_save:
-                write_atomic(folder / TRAINABLE_NAME, json.dumps(self._trainable_signature(), indent=1).encode())
-                _write_marker(folder, self.state.global_step)
-        except TrainerHookError: raise
-        except Exception as e:
-            raise _save_error(folder, e, last_good_checkpoint(self.args.output_dir)) from e
+@patch
+def _save_checkpoint(self: BBUTrainer, model, trial) -> None:
+    "The Trainer's checkpoint, then what trained and the hashed completion marker; a failed write is a CheckpointError naming the folder."
+    self._checkpoint_step = self.state.global_step   # _HookCallback.on_save checks that the Trainer came through here
+    folder = Path(self._get_output_dir(trial)) / f'checkpoint-{self.state.global_step}'
+    if self.args.should_save and (folder / COMPLETE_MARKER).exists(): (folder / COMPLETE_MARKER).unlink()   # a stale folder of that step
+    try:
+        super(BBUTrainer, self)._save_checkpoint(model, trial)
+        self.accelerator.wait_for_everyone()   # every process has written its RNG state
+        if self.args.should_save and not (folder / TRAINER_WEIGHTS).is_file() and not self.is_deepspeed_enabled:
+            raise _hook_error(f"Trainer._save_checkpoint wrote {folder} without calling BBUTrainer._save, so "
+                              f"{TRAINER_HOOKS['_save'][1]} ({TRAINER_WEIGHTS}) are missing")
+        if self.args.should_save:
+            write_trainable_record(folder, self._trainable_signature())
+            _write_marker(folder, self.state.global_step)
+    except TrainerHookError: raise
+    except Exception as e:
+        raise _save_error(folder, e, last_good_checkpoint(self.args.output_dir)) from e
 
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
-        folder = self._loaded_from = Path(resume_from_checkpoint)
-        if str(folder) != self._verified_checkpoint: verify_checkpoint(folder, require_marker=True)   # train_from_config verified it
-        sig = folder / TRAINABLE_NAME
-        if sig.is_file():
-            diff = _trainable_diff(json.loads(sig.read_text(encoding='utf-8')), self._trainable_signature())
-            if diff: raise CheckpointError(f"{folder}: the trainable set changed since this checkpoint: {diff}. Resume with the "
-                                           "checkpoint's stage and LoRA settings, or start a new run (--overwrite, or another training.output_dir)")
-        load_checkpoint_weights(self.accelerator.unwrap_model(model if model is not None else self.model), folder, verify=False)   # verified above
+# %% ../nbs/07_trainer.ipynb #07-trainer-010p7
+@patch
+def _load_from_checkpoint(self: BBUTrainer, resume_from_checkpoint, model=None) -> None:
+    "Verify the checkpoint (unless train_from_config just did), compare what trained, and load its weights strictly."
+    folder = self._loaded_from = Path(resume_from_checkpoint)
+    if str(folder) != self._verified_checkpoint: verify_checkpoint(folder, require_marker=True)   # train_from_config verified it
+    check_trainable_record(folder, self._trainable_signature())
+    load_checkpoint_weights(self.accelerator.unwrap_model(model if model is not None else self.model), folder, verify=False)   # verified above
 
-    def _load_optimizer_and_scheduler(self, checkpoint):
-        try: return super()._load_optimizer_and_scheduler(checkpoint)
-        except Exception as e: raise _load_error(checkpoint, ('optimizer.pt', 'scheduler.pt'), e) from None
+@patch
+def _load_optimizer_and_scheduler(self: BBUTrainer, checkpoint):
+    try: return super(BBUTrainer, self)._load_optimizer_and_scheduler(checkpoint)
+    except Exception as e: raise _load_error(checkpoint, ('optimizer.pt', 'scheduler.pt'), e) from None
 
-    def _load_rng_state(self, checkpoint):
-        try: return super()._load_rng_state(checkpoint)
-        except Exception as e: raise _load_error(checkpoint, tuple(p.name for p in Path(checkpoint or '.').glob('rng_state*.pth')), e) from None
+@patch
+def _load_rng_state(self: BBUTrainer, checkpoint):
+    try: return super(BBUTrainer, self)._load_rng_state(checkpoint)
+    except Exception as e: raise _load_error(checkpoint, tuple(p.name for p in Path(checkpoint or '.').glob('rng_state*.pth')), e) from None
 
-    def _load_scaler(self, checkpoint):
-        try: return super()._load_scaler(checkpoint)
-        except Exception as e: raise _load_error(checkpoint, ('scaler.pt',), e) from None
+@patch
+def _load_scaler(self: BBUTrainer, checkpoint):
+    try: return super(BBUTrainer, self)._load_scaler(checkpoint)
+    except Exception as e: raise _load_error(checkpoint, ('scaler.pt',), e) from None
 
-    # ---- a clean stop on SIGINT / SIGTERM
-    def _on_signal(self, signum, frame) -> None:
-        name = signal.Signals(signum).name
-        if self._stop_signal is not None:   # the second one: stop at once
-            for s, h in self._old_handlers.items(): signal.signal(s, h)
-            raise KeyboardInterrupt(f"second {name}: stopped at once, without a checkpoint of this step")
-        self._stop_signal = name
-        if self.args.process_index == 0:
-            print(f"vlmlab: {name}: stopping after step {self.state.global_step + 1} with a checkpoint (again to stop at once)",
-                  file=sys.stderr, flush=True)
+# %% ../nbs/07_trainer.ipynb #07-trainer-010p8
+@patch
+def _on_signal(self: BBUTrainer, signum, frame) -> None:
+    name = signal.Signals(signum).name
+    if self._stop_signal is not None:   # the second one: stop at once
+        for s, h in self._old_handlers.items(): signal.signal(s, h)
+        raise KeyboardInterrupt(f"second {name}: stopped at once, without a checkpoint of this step")
+    self._stop_signal = name
+    if self.args.process_index == 0:
+        print(f"vlmlab: {name}: stopping after step {self.state.global_step + 1} with a checkpoint (again to stop at once)",
+              file=sys.stderr, flush=True)
 
-    def train(self, *args, **kwargs):
-        "Trainer.train; SIGINT / SIGTERM stop it after the current optimizer step with a complete checkpoint (TrainingInterrupted)."
-        self._stop_signal, self._stopped_at, self._old_handlers = None, None, {}
-        self._resume_from, self._loaded_from = kwargs.get('resume_from_checkpoint', args[0] if args else None) or None, None
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGINT, signal.SIGTERM): self._old_handlers[s] = signal.signal(s, self._on_signal)
-        try: result = super().train(*args, **kwargs)
-        finally:
-            for s, h in self._old_handlers.items(): signal.signal(s, h)
-            self._old_handlers = {}
-        if self._stopped_at is not None:
-            ck = Path(self.args.output_dir) / f'checkpoint-{self._stopped_at}'
-            ck = str(ck) if checkpoint_complete(ck) else last_good_checkpoint(self.args.output_dir)
-            raise TrainingInterrupted(f"stopped by {self._stop_signal} after step {self._stopped_at} of {self.state.max_steps}: "
-                                      f"{ck or 'no checkpoint'} is complete; continue with resume=True (vlmlab train --config ... --resume)",
-                                      ck, self._stopped_at, self._stop_signal)
-        return result
-
-def _trainable_diff(saved: dict, now: dict) -> str:
-    "What differs between the trainable sets of a checkpoint and of this run ('' when nothing)."
-    out = []
-    added, removed = [g for g in now['groups'] if g not in saved['groups']], [g for g in saved['groups'] if g not in now['groups']]
-    if added: out.append(f"groups {added} train now but were frozen in the checkpoint")
-    if removed: out.append(f"groups {removed} trained in the checkpoint but are frozen now")
-    if saved.get('lora') != now['lora']: out.append(f"LoRA {'on' if saved.get('lora') else 'off'} in the checkpoint, {'on' if now['lora'] else 'off'} now")
-    for g in now['groups']:
-        a, b = saved.get('trainable_parameters', {}).get(g), now['trainable_parameters'][g]
-        if g in saved['groups'] and a != b: out.append(f"group {g}: {a} trainable parameters in the checkpoint, {b} now (LoRA rank or head size changed?)")
-    if out: out.insert(0, f"stage {saved.get('stage')!r} then, {now['stage']!r} now")
-    return '; '.join(out)
-
-def _save_error(folder: Path, e: Exception, last_good: str | None, what: str = 'the checkpoint') -> CheckpointError:
-    "The one-line error of a checkpoint write that failed (disk full named as such); removes what was half-written."
-    import shutil
-    text = f"{type(e).__name__}: {e}"
-    full = (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or any(
-        s in text for s in ('No space left', 'StorageFull', 'code: 28', 'Disk quota'))
-    if not full and any(s in text for s in ('file write failed', 'unexpected pos', 'Errno')):   # torch.save hides the errno
-        try: full = shutil.disk_usage(folder.parent).free < 64 * 2**20
-        except OSError: pass
-    removed = False
-    if folder.is_dir() and not (folder / COMPLETE_MARKER).exists() and int(os.environ.get('RANK', '0')) == 0:
-        shutil.rmtree(folder, ignore_errors=True); removed = True
-    why = (f"disk full (ENOSPC) while writing {what}" if full else f"writing {what} failed ({text.splitlines()[0][:200]})")
-    resume = '' if what != 'the checkpoint' else f"resume would use {last_good or 'no checkpoint (none complete yet)'}. "
-    return CheckpointError(f"{folder}: {why}; {'the half-written folder was removed, ' if removed else ''}{resume}Free space (or set "
-                           "training.output_dir on a larger disk), then --resume")
-
-def _load_error(checkpoint, names: tuple, e: Exception) -> Exception:
-    "Name the checkpoint file torch.load(weights_only=True) refused (a pickle with code in it), or the one that does not fit."
-    if isinstance(e, CheckpointError): return e
-    for n in names:
-        f = Path(checkpoint) / n
-        if not f.is_file(): continue
-        try: torch.load(f, map_location='cpu', weights_only=True)
-        except Exception as ex:
-            why = str(ex).strip().splitlines()[0][:160]
-            if isinstance(ex, UnpicklingError) or 'weights_only' in str(ex).lower() or 'Weights only' in str(ex):
-                return PickleRefusedError(f"{f}: refused by torch.load(weights_only=True): not a weights-only checkpoint file (a pickle "
-                                       f"that would run code: {why}); use a checkpoint vlmlab wrote, or retrain")
-            return CheckpointError(f"{f}: cannot be read ({why})")
-    return CheckpointError(f"{checkpoint}: its optimizer / scheduler state does not fit this run (the trainable set or optimizer "
-                           f"changed?): {str(e).strip().splitlines()[0][:200]}; resume with the checkpoint's settings or start a new run")
-
+@patch
+def train(self: BBUTrainer, *args, **kwargs):
+    "Trainer.train; SIGINT / SIGTERM stop it after the current optimizer step with a complete checkpoint (TrainingInterrupted)."
+    self._stop_signal, self._stopped_at, self._old_handlers = None, None, {}
+    self._resume_from, self._loaded_from = kwargs.get('resume_from_checkpoint', args[0] if args else None) or None, None
+    if threading.current_thread() is threading.main_thread():
+        for s in (signal.SIGINT, signal.SIGTERM): self._old_handlers[s] = signal.signal(s, self._on_signal)
+    try: result = super(BBUTrainer, self).train(*args, **kwargs)
+    finally:
+        for s, h in self._old_handlers.items(): signal.signal(s, h)
+        self._old_handlers = {}
+    if self._stopped_at is not None:
+        ck = Path(self.args.output_dir) / f'checkpoint-{self._stopped_at}'
+        ck = str(ck) if checkpoint_complete(ck) else last_good_checkpoint(self.args.output_dir)
+        raise TrainingInterrupted(f"stopped by {self._stop_signal} after step {self._stopped_at} of {self.state.max_steps}: "
+                                  f"{ck or 'no checkpoint'} is complete; continue with resume=True (vlmlab train --config ... --resume)",
+                                  ck, self._stopped_at, self._stop_signal)
+    return result
 
 # %% ../nbs/07_trainer.ipynb #07-trainer-012
 def training_arguments(cfg: VLMLabConfig, # the run's config
@@ -757,15 +637,21 @@ def build_trainer(cfg: VLMLabConfig, # the run's config
     args = training_arguments(cfg, disable_tqdm=not progress, **overrides)   # first: it sets up the process group (torchrun)
     set_seed(cfg.training.seed)
     model = load_model(cfg.model, cfg.training.detection, cfg.training.lm_weight)
+    hybrid = family_record(model.family).packing == 'linear_attention'
+    if cfg.data.packing:   # packed rows: attention per sample (flash attention where installed), never through a T x T mask
+        use_packed_attention(model.vlm, cfg.model.attn_implementation)
+        if hybrid: make_packing_safe(model.vlm)   # linear attention: conv and recurrence restarted at every sample
     if cfg.stage.lora: add_lora(model, cfg.stage.lora_r)
     stage = cfg.stage.trainable or cfg.stage.name
     apply_stage(model, stage)
     train_ds, eval_ds, proc = prepare_data(cfg, model, progress and args.process_index == 0)
-    collator = TrainingCollator(model.tokenizer, cfg.data.packing, cfg.data.max_tokens, model.image_processor.merge_size, model.head is not None)
+    collator = TrainingCollator(model.tokenizer, cfg.data.packing, cfg.data.max_tokens, model.image_processor.merge_size, model.head is not None,
+                                seq_idx=hybrid)
     tb = [TensorBoardCallback(SummaryWriter(str(out / 'tensorboard')))] if args.process_index == 0 else []
     return BBUTrainer(model, args, stage, cfg.stage.lrs, proc, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collator,
                       callbacks=[*tb, *callbacks])
 
+# %% ../nbs/07_trainer.ipynb #07-trainer-012b
 RUN_FILES = ('final', 'metrics.json', 'ablation.json', 'report', 'tensorboard')   # what a vlmlab run writes, beside checkpoint-N/
 
 def run_files(output_dir: str | Path, # a training output folder
@@ -792,6 +678,7 @@ def remove_run(output_dir: str | Path, # a training output folder
         gone.append(p.name)
     return gone
 
+# %% ../nbs/07_trainer.ipynb #07-trainer-012c
 def _resume_point(out: Path, resume: bool | str, rank0: bool) -> str | None:
     "The checkpoint to resume from (verified), printing which and what was skipped; CheckpointError when none is usable."
     if resume is False: return None
@@ -844,4 +731,3 @@ def train_from_config(cfg: VLMLabConfig, # the run's config
     if trainer.eval_dataset is not None: metrics['eval'] = trainer.evaluate()
     if trainer.args.process_index == 0: write_atomic(out / 'metrics.json', json.dumps(metrics, indent=1, default=str).encode())
     return metrics
-

@@ -23,8 +23,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from fastcore.basics import patch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from .families import DEFAULT_FAMILY, FAMILIES
 from .tokens import IMAGE_PAD, VISION_END, VISION_START, image_token_count
 
 # %% auto #0
@@ -96,8 +98,8 @@ def load_reference_smart_resize():
     return ns['smart_resize']
 
 # %% ../nbs/01_vision.ipynb #01-vision-024
-FAMILY_PATCH_SIZE = {'qwen2_vl': 14, 'qwen2_5_vl': 14, 'qwen3_vl': 16}
-RELEASED_PIXELS = {'qwen2_vl': (3136, 12845056), 'qwen2_5_vl': (3136, 12845056), 'qwen3_vl': (65536, 16777216)}
+FAMILY_PATCH_SIZE = {name: f.patch_size for name, f in FAMILIES.items()}        # read from the family records
+RELEASED_PIXELS = {name: f.released_pixels for name, f in FAMILIES.items()}
 DECODE_PIXELS_FACTOR = 8   # an image file may decode to at most this many times the family's released max_pixels
 MAX_DECODE_PIXELS = DECODE_PIXELS_FACTOR * max(hi for _, hi in RELEASED_PIXELS.values())   # the cap without a spec: 134,217,728
 
@@ -135,30 +137,6 @@ class ResizeSpec:
         key = f"{self.family}|{self.patch_size}|{self.merge_size}|{self.min_pixels}|{self.max_pixels}"
         return hashlib.sha256(key.encode()).hexdigest()[:12]
 
-    @classmethod
-    def for_family(cls, family: str, min_pixels: int | None = None, max_pixels: int | None = None) -> ResizeSpec:
-        "The spec of a family with the released pixel limits (or the ones given)."
-        lo, hi = RELEASED_PIXELS[family] if family in RELEASED_PIXELS else (None, None)
-        return cls(family, FAMILY_PATCH_SIZE.get(family, 0), 2, min_pixels or lo, max_pixels or hi)
-
-    @classmethod
-    def from_image_processor(cls, image_processor, family: str) -> ResizeSpec:
-        "The spec an image processor applies (what training will use)."
-        size = image_processor.size
-        get = (lambda k: size.get(k)) if isinstance(size, dict) else (lambda k: getattr(size, k, None))
-        return cls(family, image_processor.patch_size, image_processor.merge_size,
-                   get('shortest_edge') or image_processor.min_pixels, get('longest_edge') or image_processor.max_pixels)
-
-    @classmethod
-    def from_pretrained(cls, name_or_path: str | Path) -> ResizeSpec:
-        "The spec of a checkpoint (hub id or folder): its family from the config, its limits from its image processor."
-        from transformers import AutoConfig, AutoImageProcessor
-        family = AutoConfig.from_pretrained(name_or_path).model_type
-        if family not in FAMILY_PATCH_SIZE:
-            raise ValueError(f"{name_or_path} is a {family!r} model; vlmlab supports {sorted(FAMILY_PATCH_SIZE)}")
-        try: return cls.from_image_processor(AutoImageProcessor.from_pretrained(name_or_path), family)
-        except ResizeError as e: raise ResizeError(f"{name_or_path}: its image processor (preprocessor_config.json) is invalid: {e}") from None
-
     def resize(self, height: int, width: int) -> tuple[int, int]:
         "The (height, width) this spec resizes an image to."
         return smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels)
@@ -167,17 +145,46 @@ class ResizeSpec:
         "The spec as recorded in a converted sample, with its fingerprint."
         return dict(asdict(self), fingerprint=self.fingerprint)
 
-    def check(self, recorded: dict | str, # the record's `resize` entry (or just its fingerprint)
-              sample_id: Any = None, # sample named in the error
-             ) -> None:
-        "Refuse a record converted with another spec or for another family."
-        fp = recorded if isinstance(recorded, str) else recorded.get('fingerprint')
-        if fp == self.fingerprint: return
-        theirs = '' if isinstance(recorded, str) else f" {({k: v for k, v in recorded.items() if k != 'fingerprint'})}"
-        raise FingerprintMismatch(
-            f"sample {sample_id!r} was converted with resize spec {fp}{theirs}, but the processor in use is "
-            f"{self.fingerprint} {({k: v for k, v in asdict(self).items()})}. Its pixels and boxes do not match what the model "
-            "will see: re-run `vlmlab convert` for this model, or load the processor the data was made for.")
+
+# %% ../nbs/01_vision.ipynb #01-vision-024a
+@patch(cls_method=True)
+def for_family(cls: ResizeSpec, family: str, min_pixels: int | None = None, max_pixels: int | None = None) -> ResizeSpec:
+    "The spec of a family with the released pixel limits (or the ones given)."
+    lo, hi = RELEASED_PIXELS[family] if family in RELEASED_PIXELS else (None, None)
+    f = FAMILIES.get(family)
+    return cls(family, f.patch_size if f else 0, f.merge_size if f else 2, min_pixels or lo, max_pixels or hi)
+
+@patch(cls_method=True)
+def from_image_processor(cls: ResizeSpec, image_processor, family: str) -> ResizeSpec:
+    "The spec an image processor applies (what training will use)."
+    size = image_processor.size
+    get = (lambda k: size.get(k)) if isinstance(size, dict) else (lambda k: getattr(size, k, None))
+    return cls(family, image_processor.patch_size, image_processor.merge_size,
+               get('shortest_edge') or image_processor.min_pixels, get('longest_edge') or image_processor.max_pixels)
+
+@patch(cls_method=True)
+def from_pretrained(cls: ResizeSpec, name_or_path: str | Path) -> ResizeSpec:
+    "The spec of a checkpoint (hub id or folder): its family from the config, its limits from its image processor."
+    from transformers import AutoConfig, AutoImageProcessor
+    family = AutoConfig.from_pretrained(name_or_path).model_type
+    if family not in FAMILY_PATCH_SIZE:
+        raise ValueError(f"{name_or_path} is a {family!r} model; vlmlab supports {sorted(FAMILY_PATCH_SIZE)}")
+    try: return cls.from_image_processor(AutoImageProcessor.from_pretrained(name_or_path), family)
+    except ResizeError as e: raise ResizeError(f"{name_or_path}: its image processor (preprocessor_config.json) is invalid: {e}") from None
+
+# %% ../nbs/01_vision.ipynb #01-vision-024b
+@patch
+def check(self: ResizeSpec, recorded: dict | str, # the record's `resize` entry (or just its fingerprint)
+          sample_id: Any = None, # sample named in the error
+         ) -> None:
+    "Refuse a record converted with another spec or for another family."
+    fp = recorded if isinstance(recorded, str) else recorded.get('fingerprint')
+    if fp == self.fingerprint: return
+    theirs = '' if isinstance(recorded, str) else f" {({k: v for k, v in recorded.items() if k != 'fingerprint'})}"
+    raise FingerprintMismatch(
+        f"sample {sample_id!r} was converted with resize spec {fp}{theirs}, but the processor in use is "
+        f"{self.fingerprint} {({k: v for k, v in asdict(self).items()})}. Its pixels and boxes do not match what the model "
+        "will see: re-run `vlmlab convert` for this model, or load the processor the data was made for.")
 
 # %% ../nbs/01_vision.ipynb #01-vision-030
 class ImageLoadError(ValueError):
@@ -247,6 +254,7 @@ class ImageInfo:
                ([f'{self.format} with {self.frames} frames: frame 0 used'] if self.frames > 1 else []) + \
                ([f'converted from {self.mode} to RGB'] if self.mode not in ('RGB', 'L', 'P') else [])
 
+# %% ../nbs/01_vision.ipynb #01-vision-302a
 def _check_cost(im: Image.Image, name, max_decode_pixels: int | None) -> None:
     "Refuse an image whose frame would decode to more pixels than the cap, from its header alone."
     (w, h), mode = im.size, im.mode
@@ -280,6 +288,7 @@ def _header_info(im: Image.Image, name, max_decode_pixels: int | None, f=None) -
     o = o if isinstance(o, int) and 1 <= o <= 8 else 1
     return ImageInfo(im.format or '?', im.mode, (w, h), (h, w) if o in (5, 6, 7, 8) else (w, h), o, int(getattr(im, 'n_frames', 1) or 1))
 
+# %% ../nbs/01_vision.ipynb #01-vision-302b
 def image_info(path: str | Path, # image file
                max_decode_pixels: int | None = MAX_DECODE_PIXELS, # refuse frames larger than this (None: PIL's own limit only)
               ) -> ImageInfo:
@@ -312,6 +321,7 @@ def _strict_decoding():
             yield caught
     finally: ImageFile.LOAD_TRUNCATED_IMAGES = old
 
+# %% ../nbs/01_vision.ipynb #01-vision-303a
 _SCAN_END = re.compile(rb'\xff(?![\x00\xd0-\xd7])')   # inside a scan 0xFF is followed by 0x00 (stuffing) or RSTn only
 _PAD = bytes((k * 37 + 11) % 254 + 1 for k in range(4096))   # junk entropy bytes, no 0xFF: never a marker
 
@@ -346,6 +356,7 @@ def _after_scan(data: bytes, pos: int) -> bool:
         pos += 2 + int.from_bytes(data[pos + 2:pos + 4], 'big')
     return False
 
+# %% ../nbs/01_vision.ipynb #01-vision-303b
 _JPEG_SLACK = 16   # bytes a valid scan's decoder may read past its data (libjpeg fills up to 57 bits ahead)
 
 class _PacedReader(io.BytesIO):
@@ -402,6 +413,7 @@ def _count_scans(data, stop: int = _MAX_SCANS + 1) -> int:
     while pos >= 0 and n < stop: n, pos = n + 1, data.find(b'\xff\xda', pos + 2)
     return n
 
+# %% ../nbs/01_vision.ipynb #01-vision-304a
 def _read_mapped(data, f, path: Path, max_decode_pixels: int | None) -> tuple[Image.Image, ImageInfo]:
     "`read_image` on a file's mapped bytes `data` (scanned and checked) and the file `f` itself (what PIL reads)."
     scan = _jpeg_scan(data) if data[:3] == b'\xff\xd8\xff' else None
@@ -492,7 +504,7 @@ def assert_image_tokens(input_ids: Sequence[int], # token ids of one sample
         raise ImageTokenError(f"sample {sample_id!r}: {ids.count(pad) - inside} {IMAGE_PAD} tokens outside any vision span")
 
 # %% ../nbs/01_vision.ipynb #01-vision-043
-COORD_SPACE = {'qwen2_vl': 'rel1000', 'qwen2_5_vl': 'abs_resized', 'qwen3_vl': 'rel1000'}
+COORD_SPACE = {name: f.coord_space for name, f in FAMILIES.items()}   # read from the family records
 
 def scale_boxes(boxes: np.ndarray | Sequence, # (n, 4) xyxy boxes
                 from_size: tuple[int, int], # (width, height) the boxes are in

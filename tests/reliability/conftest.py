@@ -120,7 +120,7 @@ def tiny_processors():
 @pytest.fixture(scope='session')
 def nan_gradient_run(tiny_ds, tmp_path_factory):
     "A 4-step tiny training (checkpoint every 2 steps) whose gradients turn NaN at step 3: (trainer, error, output folder, NaN parameter)."
-    from vlmlab.model import VLMLabConfig
+    from vlmlab.config import VLMLabConfig
     from vlmlab.trainer import NonFiniteError, build_trainer
     root, _ = tiny_ds
     out = tmp_path_factory.mktemp('nan_run')

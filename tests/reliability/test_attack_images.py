@@ -391,7 +391,7 @@ def tiny_detector():
 @orientation_case('detect() on Image.open(phone photo with EXIF 6)', 'the same boxes as detect() on the path and on load_image(path), '
                   'in the displayed 300x200 frame')
 def test_detect_applies_exif_to_pil_images(tmp_path, tiny_detector):
-    from vlmlab.detection import detect, prompt_inputs
+    from vlmlab.inference import detect, prompt_inputs
     p = tmp_path / 'phone.jpg'
     scene(p, orientation=6, quality=95)
     runs = {'path': detect(tiny_detector, p, threshold=0.0),

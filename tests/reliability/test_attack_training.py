@@ -19,10 +19,11 @@ import torch
 from transformers import TrainerCallback
 
 from reliability_kit import case
-from vlmlab.model import (CONFIG_RANGES, COMPLETE_MARKER, CheckpointError, ConfigError, ModelConfig, ModelNotFoundError, VLMLabConfig,
-                          _numeric_values, checkpoint_problem, load_model, resolve_model_path, verify_checkpoint)
-from vlmlab.trainer import (WEIGHTS_NAME, DataError, NonFiniteError, RunExistsError, TrainingInterrupted, build_trainer, checkpoint_complete,
-                            last_good_checkpoint, load_checkpoint_weights, load_detector, prepare_data, train_from_config)
+from vlmlab.checkpoints import (COMPLETE_MARKER, TRAINER_WEIGHTS as WEIGHTS_NAME, CheckpointError, ModelNotFoundError, checkpoint_complete,
+                                checkpoint_problem, last_good_checkpoint, load_checkpoint_weights, load_detector, load_model, resolve_model_path,
+                                verify_checkpoint)
+from vlmlab.config import CONFIG_RANGES, ConfigError, ModelConfig, VLMLabConfig, _numeric_values
+from vlmlab.trainer import DataError, NonFiniteError, RunExistsError, TrainingInterrupted, build_trainer, prepare_data, train_from_config
 
 GROUP = 'Checkpoints: integrity'
 LRS = {'merger': 1e-3, 'llm': 1e-3, 'adapter': 1e-3, 'head': 1e-3}
@@ -324,7 +325,7 @@ SIGINT_SCRIPT = textwrap.dedent('''
     import json, sys
     from pathlib import Path
     from transformers import TrainerCallback
-    from vlmlab.model import VLMLabConfig
+    from vlmlab.config import VLMLabConfig
     from vlmlab.trainer import TrainingInterrupted, train_from_config
     cfg = VLMLabConfig.from_dict(json.loads(sys.argv[1]))
     class Beat(TrainerCallback):
@@ -357,8 +358,7 @@ def test_external_sigint(tiny_ds, tmp_path):
 @case('trainable set changed on resume (stage or LoRA)', 'CheckpointError naming the groups / LoRA that differ, before any step',
       group='Runs: lifecycle')
 def test_trainable_set_change_on_resume(run, tiny_ds, tmp_path, change):
-    from vlmlab.model import _write_marker
-    from vlmlab.trainer import TRAINABLE_NAME
+    from vlmlab.checkpoints import TRAINABLE_NAME, _write_marker
     out = copy_run(run, tmp_path)
     cfg = config(tiny_ds[0], out, max_steps=6)
     if change.startswith('stage'): cfg.stage.name = 'head'
@@ -432,7 +432,7 @@ def test_real_disk_full(tiny_ds, small_disk, step, max_steps):
 @case('pickled (code-running) optimizer.pt in a checkpoint whose marker vouches for it', 'CheckpointError naming optimizer.pt: '
       '"not a weights-only checkpoint file"', group='Runs: lifecycle')
 def test_pickled_checkpoint_file_named(run, tiny_ds, tmp_path):
-    from vlmlab.model import _write_marker
+    from vlmlab.checkpoints import _write_marker
     out = copy_run(run, tmp_path)
     ck = out / 'checkpoint-4'
     torch.save({'state': {}, 'param_groups': [], 'evil': Path('/tmp')}, ck / 'optimizer.pt')   # a non-allowlisted global

@@ -16,7 +16,7 @@ from reliability_kit import case, raw_sample, red_fraction, scene
 from vlmlab.chat import ChatError, ChatProcessor, ProcessedSample
 from vlmlab.collators import CollatorError, PackedDataCollator, StandardDataCollator
 from vlmlab.data import clean_raw_dir, convert, read_jsonl, validate
-from vlmlab.model import ConfigError, VLMLabConfig
+from vlmlab.config import ConfigError, VLMLabConfig
 from vlmlab.vision import FingerprintMismatch, ResizeError, ResizeSpec
 
 SPEC = ResizeSpec.for_family('qwen2_5_vl', max_pixels=200704)
@@ -397,7 +397,8 @@ def test_empty_batch():
       'and config.image_token_id')
 def test_moved_special_token_refused_by_load_model(tmp_path):
     from transformers import AutoTokenizer
-    from vlmlab.model import ModelConfig, load_model
+    from vlmlab.checkpoints import load_model
+    from vlmlab.config import ModelConfig
     from vlmlab.tiny import tiny_kit, tokenizer_with_moved_token
     from vlmlab.tokens import IMAGE_PAD, VISION_START, SpecialTokenError
     ckpt = tmp_path / 'ckpt'

@@ -101,7 +101,7 @@ def test_conversion_killed_at_random_writes(tmp_path):
 def test_nan_gradient_keeps_the_last_good_checkpoint(nan_gradient_run):
     import torch
     from safetensors.torch import load_file
-    from vlmlab.trainer import WEIGHTS_NAME, checkpoint_complete, last_good_checkpoint
+    from vlmlab.checkpoints import TRAINER_WEIGHTS as WEIGHTS_NAME, checkpoint_complete, last_good_checkpoint
     tr, err, out, name = nan_gradient_run
     msg, ck = str(err), out / 'checkpoint-2'
     assert 'step 3: non-finite gradient norm' in msg and "'merger'" in msg and name in msg, msg
@@ -205,7 +205,7 @@ def _rank(pid: int) -> int | None:
 @case('one of two torchrun training processes SIGKILLed mid-run', 'torchrun exits non-zero within 90 s naming the killed rank and '
       'signal; the other process is gone (no hang); the last complete checkpoint stays usable')
 def test_torchrun_survivor_exits(tiny_ds, tmp_path, vlmlab_bin):
-    from vlmlab.trainer import checkpoint_complete, last_good_checkpoint
+    from vlmlab.checkpoints import checkpoint_complete, last_good_checkpoint
     root, _ = tiny_ds
     out = tmp_path / 'run'
     cfg = {'model': {'name_or_path': 'tiny-kit/qwen2_5_vl'}, 'data': {'ds_output': str(root)},

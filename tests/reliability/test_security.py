@@ -138,7 +138,7 @@ class Payload:
       'the pickles are refused and never run')
 def test_checkpoint_pickles_never_run(nan_gradient_run, tmp_path):
     import pickle
-    from vlmlab.trainer import _write_marker, checkpoint_complete, load_checkpoint_weights
+    from vlmlab.checkpoints import _write_marker, checkpoint_complete, load_checkpoint_weights
     tr, _, out, _ = nan_gradient_run
     marker = tmp_path / 'pwned'
     evil = tmp_path / 'checkpoint-9'; shutil.copytree(out / 'checkpoint-2', evil)

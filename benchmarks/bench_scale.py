@@ -1,0 +1,125 @@
+"""Conversion and training data at LLaVA-Pretrain scale: records/s and peak memory at 10k vs 100k records, each in a fresh process.
+
+Synthetic text-only LLaVA records (one question, one answer; no images, so 100,000 of them convert in about a minute)
+are converted three ways, each in a fresh child process whose peak RSS (`ru_maxrss`) is read at its end:
+
+- `convert`: `vlmlab.data.convert` on a LLaVA JSON file (every sample read before the first is converted);
+- `stream llava`: `vlmlab.scale.convert_samples(iter_samples(...))` on the same file (a chunk of samples at a time; the
+  LLaVA JSON list itself is still parsed whole by `read_llava`);
+- `stream parquet`: the same samples as a parquet file through the Hugging Face source (rows streamed).
+
+A child that imports the same modules and does nothing gives the baseline; the table shows peak - baseline, its growth
+from 10k to 100k records divided by the 90k records between (bytes a record: flat memory reads near 0), and records/s.
+Then the converted 100k-record split is held as a list of dicts (what the trainer builds) and as `LazyRecords`, each in
+a fresh process, with random-access records/s.
+
+    .venv/bin/python benchmarks/bench_scale.py [--quick] [--sizes 10000 100000]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve()
+CONVERTERS = ('convert', 'stream llava', 'stream parquet')
+
+
+def write_inputs(folder: Path, n: int) -> tuple[Path, Path]:
+    "`n` text-only LLaVA samples as a JSON list and as a parquet file."
+    import datasets
+    turns = lambda i: [{'from': 'human', 'value': f'Tell me something about sample {i}.'},
+                       {'from': 'gpt', 'value': f'Sample {i} is a synthetic text-only record used to measure conversion.'}]
+    rows = [{'id': f's{i:07d}', 'conversations': turns(i)} for i in range(n)]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / 'llava.json').write_text(json.dumps(rows))
+    datasets.Dataset.from_list(rows).to_parquet(str(folder / 'llava.parquet'))
+    return folder / 'llava.json', folder / 'llava.parquet'
+
+
+def child(kind: str, src: str, out: str) -> dict:
+    "One measured run in this (fresh) process: what it did, its seconds and its peak RSS."
+    from vlmlab.data import convert, read_jsonl
+    from vlmlab.scale import LazyRecords, convert_samples, iter_samples
+    t0, n = time.perf_counter(), 0
+    if kind == 'convert': n = convert(src, out, progress=False).inputs
+    elif kind.startswith('stream'): n = convert_samples(iter_samples(src), out, progress=False).inputs
+    elif kind in ('list of dicts', 'LazyRecords'):
+        recs = [r for _, r, _ in read_jsonl(src)] if kind == 'list of dicts' else LazyRecords(src)
+        t0, n = time.perf_counter(), len(recs)
+        import random
+        rng = random.Random(0)
+        for _ in range(20_000): recs[rng.randrange(n)]['id']
+        return {'records': n, 'seconds': time.perf_counter() - t0, 'accesses': 20_000,
+                'peak_rss': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    return {'records': n, 'seconds': time.perf_counter() - t0, 'peak_rss': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def measure(kind: str, src: Path | str, out: Path | str) -> dict:
+    "`child` in a fresh Python process."
+    r = subprocess.run([sys.executable, str(HERE), '--child', kind, str(src), str(out)], capture_output=True, text=True)
+    if r.returncode: raise RuntimeError(f"{kind} on {src} failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def run(quick: bool = False, sizes: tuple[int, int] | None = None) -> dict:
+    "Peak memory and records/s of conversion at two sizes, and of the records held for training."
+    small, large = sizes or ((2_000, 10_000) if quick else (10_000, 100_000))
+    work = Path(tempfile.mkdtemp(prefix='vlmlab-bench-scale-'))
+    try:
+        base = measure('baseline', '', '')['peak_rss']
+        res: dict = {}
+        for n in (small, large):
+            llava, parquet = write_inputs(work / f'in{n}', n)
+            for kind in CONVERTERS:
+                res[kind, n] = measure(kind, parquet if kind == 'stream parquet' else llava, work / f'out-{kind.replace(" ", "-")}-{n}')
+        split = work / f'out-stream-llava-{large}' / 'train.jsonl'
+        held = {kind: measure(kind, split, '') for kind in ('list of dicts', 'LazyRecords')}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    mib = lambda b: b / 2**20
+    print(f"text-only LLaVA records; peak RSS of a fresh process minus the baseline ({mib(base):.0f} MiB: the same imports, nothing done)")
+    print(f"{'variant':16} {'records':>8} {'peak-base MiB':>14} {'records/s':>10}")
+    out = {'baseline_rss_mib': mib(base), 'convert': {}, 'held': {}}
+    for kind in CONVERTERS:
+        for n in (small, large):
+            r = res[kind, n]
+            print(f"{kind:16} {n:8,} {mib(r['peak_rss'] - base):14.1f} {n / r['seconds']:10,.0f}")
+        grow = (res[kind, large]['peak_rss'] - res[kind, small]['peak_rss']) / (large - small)
+        print(f"{'':16} growth {small:,} -> {large:,}: {grow:,.0f} bytes a record")
+        out['convert'][kind] = {'bytes_per_record': grow, **{f'{n}': {'peak_minus_base_mib': mib(res[kind, n]['peak_rss'] - base),
+                                                                       'records_per_s': n / res[kind, n]['seconds']} for n in (small, large)}}
+    print(f"\nthe converted {large:,}-record split held for training ({split.name}), 20,000 random accesses")
+    for kind, r in held.items():
+        print(f"{kind:16} {r['records']:8,} {mib(r['peak_rss'] - base):14.1f} {r['accesses'] / r['seconds']:10,.0f} accesses/s")
+        out['held'][kind] = {'peak_minus_base_mib': mib(r['peak_rss'] - base), 'accesses_per_s': r['accesses'] / r['seconds']}
+    ratios = {'convert bytes/record / stream parquet bytes/record':
+              out['convert']['convert']['bytes_per_record'] / max(out['convert']['stream parquet']['bytes_per_record'], 1.0),
+              'list of dicts memory / LazyRecords memory':
+              out['held']['list of dicts']['peak_minus_base_mib'] / max(out['held']['LazyRecords']['peak_minus_base_mib'], 0.01)}
+    for k, v in ratios.items(): print(f"{k}: {v:.1f}")
+    return {**out, 'ratios': ratios, 'params': {'sizes': [small, large]}}
+
+
+if __name__ == '__main__':
+    if len(sys.argv) > 1 and sys.argv[1] == '--child':
+        kind, src, out = sys.argv[2:5]
+        if kind == 'baseline':
+            import vlmlab.data, vlmlab.scale  # noqa: F401  the imports every other child makes
+            import datasets  # noqa: F401
+            print(json.dumps({'peak_rss': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+        else:
+            import datasets  # noqa: F401  imported in every child, so the baseline subtracts it
+            print(json.dumps(child(kind, src, out)))
+        sys.exit(0)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument('--quick', action='store_true', help='2,000 and 10,000 records (a smoke test)')
+    ap.add_argument('--sizes', type=int, nargs=2, default=None, help='the two record counts')
+    a = ap.parse_args()
+    print(json.dumps(run(a.quick, tuple(a.sizes) if a.sizes else None)['ratios'], indent=1))
