@@ -3,17 +3,19 @@
 Synthetic text-only LLaVA records (one question, one answer; no images, so 100,000 of them convert in about a minute)
 are converted three ways, each in a fresh child process whose peak RSS (`ru_maxrss`) is read at its end:
 
-- `convert`: `vlmlab.data.convert` on a LLaVA JSON file (every sample read before the first is converted);
-- `stream llava`: `vlmlab.scale.convert_samples(iter_samples(...))` on the same file (a chunk of samples at a time; the
-  LLaVA JSON list itself is still parsed whole by `read_llava`);
-- `stream parquet`: the same samples as a parquet file through the Hugging Face source (rows streamed).
+- `convert before`: `convert` of git revision `--before` (default HEAD: its vlmlab/data.py loaded beside today's
+  modules), which read every sample, and the whole LLaVA list, before converting the first;
+- `convert`: today's `vlmlab.data.convert` on the same LLaVA JSON file (a chunk of samples at a time, the list parsed
+  one item at a time);
+- `convert parquet`: the same samples as a parquet file, through the Hugging Face source (rows streamed).
 
-A child that imports the same modules and does nothing gives the baseline; the table shows peak - baseline, its growth
-from 10k to 100k records divided by the 90k records between (bytes a record: flat memory reads near 0), and records/s.
-Then the converted 100k-record split is held as a list of dicts (what the trainer builds) and as `LazyRecords`, each in
-a fresh process, with random-access records/s.
+A child that imports the same modules and does nothing gives the baseline. The table shows peak - baseline, then its
+growth from the small to the large size divided by the records between (bytes a record: flat memory reads near 0),
+and records/s. Then the converted large split is read the way training starts: `validate` before and now, and the
+records held as a list of dicts (what the trainer builds) and as `LazyRecords`, each in a fresh process, with
+random-access reads/s.
 
-    .venv/bin/python benchmarks/bench_scale.py [--quick] [--sizes 10000 100000]
+    .venv/bin/python benchmarks/bench_scale.py [--quick] [--sizes 10000 100000] [--before REV]
 """
 from __future__ import annotations
 
@@ -28,7 +30,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve()
-CONVERTERS = ('convert', 'stream llava', 'stream parquet')
+CONVERTERS = ('convert before', 'convert', 'convert parquet')
+HELD = ('validate before', 'validate', 'list of dicts', 'LazyRecords')
 
 
 def write_inputs(folder: Path, n: int) -> tuple[Path, Path]:
@@ -43,32 +46,44 @@ def write_inputs(folder: Path, n: int) -> tuple[Path, Path]:
     return folder / 'llava.json', folder / 'llava.parquet'
 
 
-def child(kind: str, src: str, out: str) -> dict:
+def child(kind: str, src: str, out: str, before: str) -> dict:
     "One measured run in this (fresh) process: what it did, its seconds and its peak RSS."
-    from vlmlab.data import convert, read_jsonl
-    from vlmlab.scale import LazyRecords, convert_samples, iter_samples
-    t0, n = time.perf_counter(), 0
-    if kind == 'convert': n = convert(src, out, progress=False).inputs
-    elif kind.startswith('stream'): n = convert_samples(iter_samples(src), out, progress=False).inputs
+    from vlmlab.data import convert, read_jsonl, validate
+    from vlmlab.scale import LazyRecords
+    old = _data_at(before) if kind.endswith(' before') else None
+    t0, n, extra = time.perf_counter(), 0, {}
+    if kind.startswith('convert'): n = (old.convert if old else convert)(src, out, progress=False).inputs
+    elif kind.startswith('validate'):
+        rep = (old.validate if old else validate)(Path(src).parent, progress=False)
+        n = sum(rep.counts.values()); assert rep.ok, str(rep)[:500]
     elif kind in ('list of dicts', 'LazyRecords'):
         recs = [r for _, r, _ in read_jsonl(src)] if kind == 'list of dicts' else LazyRecords(src)
-        t0, n = time.perf_counter(), len(recs)
         import random
-        rng = random.Random(0)
+        rng, t0, n = random.Random(0), time.perf_counter(), len(recs)
         for _ in range(20_000): recs[rng.randrange(n)]['id']
-        return {'records': n, 'seconds': time.perf_counter() - t0, 'accesses': 20_000,
-                'peak_rss': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
-    return {'records': n, 'seconds': time.perf_counter() - t0, 'peak_rss': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+        extra = {'accesses': 20_000}
+    return {'records': n, 'seconds': time.perf_counter() - t0, 'peak_rss': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, **extra}
 
 
-def measure(kind: str, src: Path | str, out: Path | str) -> dict:
+def _data_at(rev: str):
+    "vlmlab/data.py of git revision `rev` as a module beside today's vlmlab (as bench_convert loads it)."
+    import importlib.util
+    code = subprocess.run(['git', 'show', f'{rev}:vlmlab/data.py'], cwd=HERE.parent.parent, capture_output=True, text=True, check=True).stdout
+    name = f"vlmlab._data_at_{''.join(c if c.isalnum() else '_' for c in rev)}"
+    mod = importlib.util.module_from_spec(importlib.util.spec_from_loader(name, loader=None)); mod.__package__ = 'vlmlab'
+    sys.modules[name] = mod
+    exec(compile(code, f'{rev}:vlmlab/data.py', 'exec'), mod.__dict__)
+    return mod
+
+
+def measure(kind: str, src: Path | str, out: Path | str, before: str = 'HEAD') -> dict:
     "`child` in a fresh Python process."
-    r = subprocess.run([sys.executable, str(HERE), '--child', kind, str(src), str(out)], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, str(HERE), '--child', kind, str(src), str(out), before], capture_output=True, text=True)
     if r.returncode: raise RuntimeError(f"{kind} on {src} failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def run(quick: bool = False, sizes: tuple[int, int] | None = None) -> dict:
+def run(quick: bool = False, sizes: tuple[int, int] | None = None, before: str = 'HEAD') -> dict:
     "Peak memory and records/s of conversion at two sizes, and of the records held for training."
     small, large = sizes or ((2_000, 10_000) if quick else (10_000, 100_000))
     work = Path(tempfile.mkdtemp(prefix='vlmlab-bench-scale-'))
@@ -78,9 +93,9 @@ def run(quick: bool = False, sizes: tuple[int, int] | None = None) -> dict:
         for n in (small, large):
             llava, parquet = write_inputs(work / f'in{n}', n)
             for kind in CONVERTERS:
-                res[kind, n] = measure(kind, parquet if kind == 'stream parquet' else llava, work / f'out-{kind.replace(" ", "-")}-{n}')
-        split = work / f'out-stream-llava-{large}' / 'train.jsonl'
-        held = {kind: measure(kind, split, '') for kind in ('list of dicts', 'LazyRecords')}
+                res[kind, n] = measure(kind, parquet if kind == 'convert parquet' else llava, work / f'out-{kind.replace(" ", "-")}-{n}', before)
+        split = work / f'out-convert-{large}' / 'train.jsonl'
+        held = {kind: measure(kind, split, '', before) for kind in HELD}
     finally:
         shutil.rmtree(work, ignore_errors=True)
     mib = lambda b: b / 2**20
@@ -95,31 +110,35 @@ def run(quick: bool = False, sizes: tuple[int, int] | None = None) -> dict:
         print(f"{'':16} growth {small:,} -> {large:,}: {grow:,.0f} bytes a record")
         out['convert'][kind] = {'bytes_per_record': grow, **{f'{n}': {'peak_minus_base_mib': mib(res[kind, n]['peak_rss'] - base),
                                                                        'records_per_s': n / res[kind, n]['seconds']} for n in (small, large)}}
-    print(f"\nthe converted {large:,}-record split held for training ({split.name}), 20,000 random accesses")
+    print(f"\nthe converted {large:,}-record split read as training starts: validate, then the records held (20,000 random reads)")
     for kind, r in held.items():
-        print(f"{kind:16} {r['records']:8,} {mib(r['peak_rss'] - base):14.1f} {r['accesses'] / r['seconds']:10,.0f} accesses/s")
-        out['held'][kind] = {'peak_minus_base_mib': mib(r['peak_rss'] - base), 'accesses_per_s': r['accesses'] / r['seconds']}
-    ratios = {'convert bytes/record / stream parquet bytes/record':
-              out['convert']['convert']['bytes_per_record'] / max(out['convert']['stream parquet']['bytes_per_record'], 1.0),
-              'list of dicts memory / LazyRecords memory':
-              out['held']['list of dicts']['peak_minus_base_mib'] / max(out['held']['LazyRecords']['peak_minus_base_mib'], 0.01)}
+        rate = f"{r['accesses'] / r['seconds']:10,.0f} reads/s" if 'accesses' in r else f"{r['records'] / r['seconds']:10,.0f} records/s"
+        print(f"{kind:16} {r['records']:8,} {mib(r['peak_rss'] - base):14.1f} {rate}")
+        out['held'][kind] = {'peak_minus_base_mib': mib(r['peak_rss'] - base), 'seconds': r['seconds']}
+    per = lambda k: max(out['convert'][k]['bytes_per_record'], 1.0)
+    held_mib = lambda k: max(out['held'][k]['peak_minus_base_mib'], 0.01)
+    ratios = {'convert before / convert (bytes a record)': per('convert before') / per('convert'),
+              'convert before / convert parquet (bytes a record)': per('convert before') / per('convert parquet'),
+              'validate before / validate (peak memory)': held_mib('validate before') / held_mib('validate'),
+              'list of dicts / LazyRecords (peak memory)': held_mib('list of dicts') / held_mib('LazyRecords')}
     for k, v in ratios.items(): print(f"{k}: {v:.1f}")
-    return {**out, 'ratios': ratios, 'params': {'sizes': [small, large]}}
+    return {**out, 'ratios': ratios, 'params': {'sizes': [small, large], 'before': before}}
 
 
 if __name__ == '__main__':
     if len(sys.argv) > 1 and sys.argv[1] == '--child':
-        kind, src, out = sys.argv[2:5]
+        kind, src, out, before = sys.argv[2:6]
         if kind == 'baseline':
             import vlmlab.data, vlmlab.scale  # noqa: F401  the imports every other child makes
             import datasets  # noqa: F401
             print(json.dumps({'peak_rss': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
         else:
             import datasets  # noqa: F401  imported in every child, so the baseline subtracts it
-            print(json.dumps(child(kind, src, out)))
+            print(json.dumps(child(kind, src, out, before)))
         sys.exit(0)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('--quick', action='store_true', help='2,000 and 10,000 records (a smoke test)')
     ap.add_argument('--sizes', type=int, nargs=2, default=None, help='the two record counts')
+    ap.add_argument('--before', default='HEAD', help='the git revision whose convert and validate are measured as "before"')
     a = ap.parse_args()
-    print(json.dumps(run(a.quick, tuple(a.sizes) if a.sizes else None)['ratios'], indent=1))
+    print(json.dumps(run(a.quick, tuple(a.sizes) if a.sizes else None, a.before)['ratios'], indent=1))

@@ -34,9 +34,9 @@ from common import alternate, medians, paired_ratio, ratio_range, set_threads
 from vlmlab.chat import ChatProcessor
 from vlmlab.data import convert, make_shapes, read_jsonl
 from vlmlab.detection import VLMDetector
-from vlmlab.attention import use_packed_attention
+from vlmlab.hybrid import prepare_for_packing
 from vlmlab.model import apply_stage
-from vlmlab.tiny import VLM_FAMILIES, tiny_kit
+from vlmlab.tiny import tiny_kit
 from vlmlab.trainer import BBUTrainer, PackDataset, SampleDataset, TrainingCollator
 from vlmlab.vision import ResizeSpec
 
@@ -58,17 +58,13 @@ def model_source(name: str):
             return AutoModelForImageTextToText.from_config(cfg)
         return FAMILY, build
     if name == 'hybrid_qwen3_5':
-        if 'qwen3_5' not in VLM_FAMILIES: raise LookupError('the tiny kit has no qwen3_5 model')
         return 'qwen3_5', lambda: AutoModelForImageTextToText.from_pretrained(tiny_kit('qwen3_5'))
     raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
 
 
 def packing_ready(vlm, mask: bool = False) -> None:
-    "What vlmlab does before training on packed rows: its packed attention (unless `mask`), boundary-aware linear attention."
-    if not mask: use_packed_attention(vlm)
-    try: from vlmlab.hybrid import make_packing_safe
-    except ImportError: return
-    make_packing_safe(vlm)
+    "What vlmlab's trainer does before packed rows (`prepare_for_packing`); `mask` leaves transformers' sdpa and its block mask."
+    if not mask: prepare_for_packing(vlm)
 
 
 class StepEnds(TrainerCallback):
@@ -115,7 +111,7 @@ def measure(name: str, n: int, batch: int, epochs: int, repeats: int, size_max: 
         if packed: packing_ready(model.vlm, mask=kind == 'packed_mask')
         apply_stage(model, 'stage2')
         collate = CountingCollator(TrainingCollator(tok, packed=packed, max_tokens=cap if packed else None,
-                                                    spatial_merge_size=ip.merge_size))
+                                                    spatial_merge_size=ip.merge_size, seq_idx=name.startswith('hybrid')))
         args = TrainingArguments(output_dir=str(work / name / kind), num_train_epochs=epochs, per_device_train_batch_size=1 if packed else batch,
                                  learning_rate=1e-3, logging_steps=10, save_strategy='no', report_to='none',
                                  remove_unused_columns=False, disable_tqdm=True, dataloader_pin_memory=False, use_cpu=True, seed=0,

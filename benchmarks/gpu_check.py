@@ -92,13 +92,9 @@ def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
 
 
 def prepare_for_packing(vlm) -> str:
-    "Make `vlm` keep packed samples apart (boundary-aware linear attention for the hybrid families); return the attention used."
-    from vlmlab.attention import use_packed_attention
-    impl = use_packed_attention(vlm)
-    if installed('vlmlab.hybrid'):
-        from vlmlab import hybrid
-        if hasattr(hybrid, 'make_packing_safe'): hybrid.make_packing_safe(vlm)
-    return impl
+    "What vlmlab's trainer does before packed rows (`vlmlab.hybrid.prepare_for_packing`); return the attention used."
+    from vlmlab.hybrid import prepare_for_packing as prepare
+    return prepare(vlm)
 
 
 def packed_vs_solo(family: str, attn: str, device: torch.device, dtype: torch.dtype, work: Path) -> dict:
@@ -166,7 +162,7 @@ def train_throughput(family: str, mode: str, lora: bool, device: torch.device, d
     from vlmlab.collators import PackedDataCollator, StandardDataCollator, model_inputs, plan_packs
     from vlmlab.model import add_lora
     kit_family = family
-    samples, tok, ip = kit_samples(kit_family, work, 8 if dry_run else 64, (96, 448) if dry_run else (224, 896), seed=1)
+    samples, tok, ip = kit_samples(kit_family, work, 4 if dry_run else 64, (56, 112) if dry_run else (224, 896), seed=1)
     cfg = real_size_config(family, layers, dry_run)
     for k in ('image_token_id', 'video_token_id', 'vision_start_token_id', 'vision_end_token_id'):
         setattr(cfg, k, getattr(tok, 'convert_tokens_to_ids')({'image_token_id': '<|image_pad|>', 'video_token_id': '<|video_pad|>',
@@ -246,7 +242,7 @@ def main() -> int:
                   ': dry run of the same code paths on CPU, float32, small sizes')
     torch.set_num_threads(int(os.environ.get('OMP_NUM_THREADS', '2')))
     from vlmlab.families import FAMILIES
-    from vlmlab.tiny import VLM_FAMILIES
+    from vlmlab.tiny import HYBRID_FAMILIES, VLM_FAMILIES
     t_start = time.time()
     res = {'dry_run': dry, 'device': torch.cuda.get_device_name(0) if gpu else platform.processor() or platform.machine(),
            'torch': torch.__version__, 'cuda': torch.version.cuda, 'flash_attn': installed('flash_attn'),
@@ -266,16 +262,16 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix='vlmlab-gpu-check-') as w:
         work = Path(w)
         attns = ['sdpa'] + (['flash_attention_2'] if gpu and res['flash_attn'] else [])
-        for fam in VLM_FAMILIES:
+        for fam in VLM_FAMILIES + HYBRID_FAMILIES:
             for attn in attns:
                 if attn == 'flash_attention_2' and FAMILIES[fam].packing == 'linear_attention' and not res['flash_linear_attention']:
                     res['skipped'].append(f"{fam} with flash attention: flash-linear-attention is not installed"); continue
                 r = section(f"packed vs solo {fam} {attn}", lambda: packed_vs_solo(fam, attn, device, dtype, work))
                 if r: res['packed_vs_solo'].append(r); print(f"    max |diff| {r['max_abs_logit_diff']:.3g} (tolerance {r['tolerance']}, "
                                                               f"{r['attention']}): {'PASS' if r['passed'] else 'FAIL'}")
-        big = [('qwen2_5_vl', 8 if gpu else 2)] + [(f, 8 if gpu else 4) for f in ('qwen3_5',) if f in VLM_FAMILIES]
+        big = [('qwen2_5_vl', 8 if gpu else 2)] + [('qwen3_5', 8 if gpu else 4)]
         for fam, layers in big:
-            for lora in (True, False):
+            for lora in ((True, False) if gpu or fam == 'qwen2_5_vl' else (False,)):   # dry run: LoRA's path is the same for both
                 r = section(f"throughput {fam} {'LoRA' if lora else 'full'}",
                             lambda: throughput_table(fam, lora, device, dtype, work, layers, 12 if gpu else 2, dry, 2 if gpu else 1))
                 if r: res['throughput'].append(r); print(f"    packed / padded tokens/s {r['packed_over_padded']:.2f}, "

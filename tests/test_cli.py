@@ -497,3 +497,38 @@ def test_validate_exits_1_on_a_near_duplicate_and_names_the_pair(vlmlab_bin, tmp
     assert r.returncode == 0 and '  WARN' in r.stdout and 'test:copy' in r.stdout and 'OK: 0 errors, 0 leaks, 1 warnings' in r.stdout, r.stdout
     r = run(vlmlab_bin, 'validate', '--data', ds, '--quiet', '--near-duplicate-difference', '-1')
     assert r.returncode == 2 and 'near_duplicate_difference must be >= 0' in r.stderr and r.stderr.count('\n') == 1, r.stderr
+
+
+def test_convert_in_shards_then_merge_shards_equals_one_run(vlmlab_bin, tmp_path):
+    from vlmlab.data import make_shapes
+    make_shapes(tmp_path / 'raw', n=10, seed=2, old_format=0.3)
+    assert run(vlmlab_bin, 'convert', str(tmp_path / 'raw'), '--out', str(tmp_path / 'one'), '--quiet').returncode == 0
+    for i in range(2):
+        r = run(vlmlab_bin, 'convert', str(tmp_path / 'raw'), '--out', str(tmp_path / 'two'), '--shard', f'{i}/2', '--quiet')
+        assert r.returncode == 0 and f'vlmlab merge-shards --out {tmp_path / "two"} --split train' in r.stdout, r.stdout + r.stderr
+    r = run(vlmlab_bin, 'merge-shards', '--out', str(tmp_path / 'two'), '--strict')
+    assert r.returncode == 1 and 'train: 10 inputs' in r.stdout and '(balanced)' in r.stdout, r.stdout + r.stderr   # old-format files rejected
+    for name in ('train.jsonl', 'train.rejects.jsonl'):
+        assert (tmp_path / 'two' / name).read_bytes() == (tmp_path / 'one' / name).read_bytes(), name
+    r = run(vlmlab_bin, 'convert', str(tmp_path / 'raw'), '--out', str(tmp_path / 'gap'), '--shard', '1/3', '--quiet')
+    assert r.returncode == 0
+    r = run(vlmlab_bin, 'merge-shards', '--out', str(tmp_path / 'gap'))
+    assert r.returncode == 2 and r.stderr.count('\n') == 1 and 'shard(s) 0/3, 2/3 of split' in r.stderr, r.stderr
+    r = run(vlmlab_bin, 'convert', str(tmp_path / 'raw'), '--out', str(tmp_path / 'bad'), '--shard', '3/3', '--quiet')
+    assert r.returncode == 2 and 'I must lie in 0..N-1' in r.stderr, r.stderr
+
+
+def test_convert_a_saved_hugging_face_dataset(vlmlab_bin, tmp_path):
+    datasets = pytest.importorskip('datasets')
+    import io
+    from PIL import Image
+    def png(c):
+        b = io.BytesIO(); Image.new('RGB', (80, 60), c).save(b, 'PNG'); return b.getvalue()
+    datasets.Dataset.from_dict({'image': [{'bytes': png((200, 0, 0)), 'path': None}, {'bytes': png((0, 0, 200)), 'path': None}],
+                                'caption': ['red', 'blue']},
+                               features=datasets.Features({'image': datasets.Image(), 'caption': datasets.Value('string')})).save_to_disk(str(tmp_path / 'hf'))
+    r = run(vlmlab_bin, 'convert', str(tmp_path / 'hf'), '--out', str(tmp_path / 'ds'), '--quiet')
+    assert r.returncode == 2 and "need the question they answer: pass prompt (--prompt)" in r.stderr, r.stderr
+    r = run(vlmlab_bin, 'convert', str(tmp_path / 'hf'), '--out', str(tmp_path / 'ds'), '--prompt', 'What colour is it?', '--quiet')
+    assert r.returncode == 0 and 'train: 2 inputs = 2 written' in r.stdout, r.stdout + r.stderr
+    assert run(vlmlab_bin, 'validate', '--data', str(tmp_path / 'ds'), '--quiet').returncode == 0

@@ -15,9 +15,9 @@ from PIL import Image
 
 from vlmlab.data import make_shapes
 from vlmlab.diagnostics import (FROZEN_BELOW, GOLDILOCKS, UNSTABLE_ABOVE, compare_paired, diagnose_loss_curve,
-                                evaluate_checkpoints, find_near_duplicates, grad_norm_verdicts, group_norms,
-                                image_fingerprint, paired_bootstrap_ci, paired_power, paired_sample_size,
-                                update_ratio_class, update_ratio_verdicts, weight_snapshot)
+                                evaluate_checkpoints, grad_norm_verdicts, group_norms, paired_bootstrap_ci, paired_power,
+                                paired_sample_size, update_ratio_class, update_ratio_verdicts, weight_snapshot)
+from vlmlab.leakage import find_near_duplicates, image_fingerprint
 from vlmlab.spans import NFMarkerError, check_nf_marker, highlight_span, span_iou, token_span_to_chars
 
 # ---- loss curves: each detector flags its own shape, the healthy curve passes --------------------------------------

@@ -20,11 +20,11 @@ def test_gpu_check_dry_run(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert 'no GPU here' in r.stdout
     res = json.loads(out.read_text())
-    from vlmlab.tiny import VLM_FAMILIES
+    from vlmlab.tiny import HYBRID_FAMILIES, VLM_FAMILIES
     assert res['dry_run'] and not res['errors'], res['errors']
-    assert {p['family'] for p in res['packed_vs_solo']} == set(VLM_FAMILIES)
+    assert {p['family'] for p in res['packed_vs_solo']} == set(VLM_FAMILIES + HYBRID_FAMILIES)
     assert all(p['passed'] and p['max_abs_logit_diff'] <= p['tolerance'] for p in res['packed_vs_solo'])
-    assert {(t['family'], t['lora']) for t in res['throughput']} >= {('qwen2_5_vl', True), ('qwen2_5_vl', False)}
+    assert {(t['family'], t['lora']) for t in res['throughput']} >= {('qwen2_5_vl', True), ('qwen2_5_vl', False), ('qwen3_5', False)}
     for t in res['throughput']:
         assert t['tokens_per_s']['packed'] > 0 and t['tokens_per_s']['padded'] > 0 and t['peak_memory_mib']['packed'] > 0
     assert res['sync_point_cell']['ran'] is False and 'no GPU' in res['sync_point_cell']['why']

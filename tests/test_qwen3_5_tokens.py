@@ -1,4 +1,5 @@
 """Qwen3.5 / Qwen3.6 tokens, thinking template, labels and start-up guards, on the tiny kit (hypothesis properties)."""
+import unicodedata
 from dataclasses import replace
 
 import pytest
@@ -88,12 +89,13 @@ def test_generation_prompt_is_the_training_prefix(family, conv):
 @given(conv=conversations().filter(lambda c: all(isinstance(m['content'], str) for m in c)))
 def test_chat_processor_labels_are_exactly_the_answers(family, conv):
     tok = TOKENIZERS[family]
-    proc = ChatProcessor(tok, tiny_image_processor(family), family, '.', target='conversation')
+    proc = ChatProcessor(tok, tiny_image_processor(family), family, '.', target='conversation', check_placeholders=False)
     try: s = proc({'id': 'p', 'conversations': conv})
     except ChatError as e:
         assert 'no label tokens' in str(e); return
     assert s.input_ids.tolist() == tok.apply_chat_template(conv, tokenize=True, return_dict=True)['input_ids']
     expected = ''.join(seg.text for seg in chatml_segments(conv, family) if seg.target)
+    expected = unicodedata.normalize('NFC', expected)   # the tokenizer normalizes as the Qwen tokenizers do (e.g. U+1D1BB decomposes)
     assert tok.decode(s.labels[s.labels != -100]) == expected
     think_ids = {tok.convert_tokens_to_ids(THINK_START)}
     assert not any(int(i) in think_ids for i in s.labels)   # <think> always opens the prompt side

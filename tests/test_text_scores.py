@@ -169,3 +169,25 @@ def test_reliability_bins():
     assert np.all(np.diff(r['score']) > 0) and 0 <= r['ece'] <= 1
     perfect = coco_matches(gts, [{**p, 'scores': [1.0 if ok else 1e-9]} for p, ok in zip(preds, right)])
     assert reliability(perfect)['ece'] < 1e-6
+
+
+def test_text_predictions_score_the_boxes_they_read(tmp_path):
+    "text_predictions over a stored image whose answer is fixed: token-probability scores by default, 1.0 only when asked."
+    from vlmlab.checkpoints import load_model
+    from vlmlab.config import ModelConfig
+    from vlmlab.inference import text_predictions
+    fam = FORMATS['json']
+    model = load_model(ModelConfig(name_or_path=f'tiny-kit/{fam}')).eval()
+    Image.new('RGB', (224, 168), 'white').save(tmp_path / 'a.png')
+    rec = {'id': 'a', 'image': 'a.png', 'size': [224, 168]}
+    answer = torch.tensor(model.tokenizer(grounding_text(OBJS[:2], (224, 168), fam) + '<|im_end|>', add_special_tokens=False)['input_ids'])
+    model.vlm.generate = lambda **kw: torch.cat([kw['input_ids'], answer[None]], 1)   # the model "writes" this answer
+    (scored,), u1 = text_predictions(model, [rec], tmp_path, DEFAULT_GROUNDING_PROMPT)
+    (flat,), u2 = text_predictions(model, [rec], tmp_path, DEFAULT_GROUNDING_PROMPT, scores='constant')
+    assert u1 == u2 == 0 and scored['boxes'] == flat['boxes'] and len(scored['boxes']) == 2
+    assert flat['scores'] == [1.0, 1.0] and all(0 < s < 1 for s in scored['scores'])
+    assert scored['scores'] == scored['rule_scores']['object'] and set(scored['rule_scores']) == set(SCORE_RULES)
+    (first,), _ = text_predictions(model, [rec], tmp_path, DEFAULT_GROUNDING_PROMPT, scores='first_digits')
+    assert first['scores'] == scored['rule_scores']['first_digits']
+    with pytest.raises(ValueError, match="or 'constant'"):
+        text_predictions(model, [rec], tmp_path, DEFAULT_GROUNDING_PROMPT, scores='mean')

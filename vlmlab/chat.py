@@ -73,6 +73,7 @@ class ProcessedSample:
     images: list = field(default_factory=list, repr=False)   # the PIL images, for display
     objects: list = field(default_factory=list, repr=False)  # the student image's objects, for display
     pieces: list = field(default_factory=list, repr=False)   # the text of each token, for display
+    counts: ChatStats | None = None   # this sample's runbook counters: summed by the trainer (so they survive dataloader workers)
 
     def __len__(self): return len(self.input_ids)
 
@@ -303,15 +304,15 @@ class ChatProcessor:
         input_ids = torch.tensor(ids, dtype=torch.long)
         kind = torch.tensor([LABEL_KIND.get(r, 0) for r in roles], dtype=torch.int32)
         labels = torch.where(kind > 0, input_ids, torch.full_like(input_ids, -100))
-        self.stats.samples += 1; self.stats.truncated += bool(truncated); self.stats.tokens += len(ids)
         if not (labels != -100).any():
-            self.stats.zero_label += 1
+            self.stats.samples += 1; self.stats.truncated += bool(truncated); self.stats.tokens += len(ids); self.stats.zero_label += 1
             raise ChatError(f"sample {sid!r}: no label tokens{' after truncating ' + str(truncated) + ' tokens' if truncated else ''}; "
                             "a sample without targets teaches nothing and would give a NaN loss alone in a batch")
         if any(int(i) in self.vision_ids for i in labels[labels != -100]):
             raise ChatError(f"sample {sid!r}: labels contain vision special tokens")
         assert_image_tokens(ids, [] if grids is None else grids.tolist(), self.tokenizer, self.merge_size, sid)
-        self.stats.label_tokens += int((labels != -100).sum())
+        counts = ChatStats(samples=1, truncated=int(bool(truncated)), label_tokens=int((labels != -100).sum()), tokens=len(ids))
+        self.stats = self.stats.add(counts)   # this process's running total (the report's); the trainer sums the samples' own
         spans = {'teacher': [], 'student': []}
         for k in (1, 2):
             pos = (kind == k).nonzero().flatten().tolist()
@@ -321,7 +322,7 @@ class ChatProcessor:
                 else: spans[owner].append((p, p + 1))
         mm = mm_token_type_ids(input_ids, self)
         return ProcessedSample(sid, input_ids, labels, mm, kind, pixel_values, grids, spans, roles, truncated,
-                               images, record.get('objects') or [], pieces)
+                               images, record.get('objects') or [], pieces, counts)
 
 # %% ../nbs/03_chat.ipynb #03-chat-011b
 def check_vision_parts(record: dict, # the record the messages come from (named in errors)

@@ -27,8 +27,8 @@ from .families import DEFAULT_FAMILY, FAMILIES
 # %% auto #0
 __all__ = ['COMMANDS', 'FLAG_NAMES', 'DEPRECATED_FLAGS', 'INPUT_FLAGS', 'command', 'HiddenAliasFormatter', 'CommandParser',
            'command_parser', 'user_error', 'one_line', 'quiet_progress', 'doctor', 'demo', 'resize_spec',
-           'model_tokenizer', 'make_shapes', 'clean_raw_json', 'convert', 'validate', 'resume_command', 'train',
-           'report', 'ablate', 'evaluate', 'benchmarks_root', 'bench', 'build_parser', 'main', 'grammar',
+           'model_tokenizer', 'make_shapes', 'clean_raw_json', 'convert', 'merge_shards', 'validate', 'resume_command',
+           'train', 'report', 'ablate', 'evaluate', 'benchmarks_root', 'bench', 'build_parser', 'main', 'grammar',
            'grammar_markdown']
 
 # %% ../nbs/90_cli.ipynb #90-cli-005
@@ -257,7 +257,7 @@ def clean_raw_json(folder: str, # folder of raw annotation JSON files to migrate
 
 # %% ../nbs/90_cli.ipynb #90-cli-010b
 @command
-def convert(input: str, # raw JSON folder or file, LLaVA JSON, or COCO JSON
+def convert(input: str, # raw JSON folder or file, LLaVA JSON, COCO JSON, or a Hugging Face dataset (save_to_disk folder or parquet)
             *,
             out: str = 'ds_output', # output folder (images/ and {split}.jsonl are written here)
             family: str = None, # model family: qwen2_vl, qwen2_5_vl or qwen3_vl (fixes factor and box space; default: qwen2_5_vl, or the model's)
@@ -265,26 +265,54 @@ def convert(input: str, # raw JSON folder or file, LLaVA JSON, or COCO JSON
             min_pixels: int = None, # fewest pixels of a resized image (default: the family's released value; with --model: the model's)
             max_pixels: int = None, # most pixels of a resized image (default: the family's released value; with --model: the model's)
             split: str = 'train', # split name: writes {split}.jsonl, {split}.rejects.jsonl, {split}.summary.json
-            format: str = 'auto', # input format: auto, raw, llava or coco
+            format: str = 'auto', # input format: auto, raw, llava, coco or hf (a saved Hugging Face dataset or parquet files)
             workers: int = 1, # worker processes
             migrate_old: bool = False, # migrate old list-shaped raw JSON on the fly instead of rejecting it
-            image_root: str = None, # folder the image paths of a LLaVA / COCO file are relative to (default: its folder)
+            image_root: str = None, # folder the image paths of a LLaVA / COCO file or a dataset are relative to (default: its folder)
             image_format: str = 'png', # stored image format: png (lossless) or jpg (quality 95)
             min_side: int = None, # smallest accepted image side in pixels (default: the resize factor)
             box_space: str = 'pixels', # how boxes in conversation texts are written: pixels (of the original image), rel1000, rel1 or auto
             max_decode_pixels: int = None, # refuse source images with more pixels than this before decoding (default: 8x the larger of max_pixels and the family's released one)
+            shard: str = None, # I/N: convert only shard I of N of the inputs into OUT/shards/ (one per node: $NODE_RANK/$NNODES), then run merge-shards
+            hf_split: str = None, # the split of a saved Hugging Face DatasetDict (default: train, or its only one)
+            prompt: str = None, # the question a dataset's caption column answers (a dataset with captions and no conversations)
             strict: bool = False, # exit with status 1 when any input is rejected
             quiet: bool = False, # no progress bar
            ) -> int:
     "Convert annotations into ds_output/{split}.jsonl with images resized once; every input is written or rejected."
     from vlmlab.data import convert as _convert
+    from vlmlab.scale import convert_shard
     spec = resize_spec(family, model, min_pixels, max_pixels)
-    summary = _convert(input, out, spec, split, format, workers, migrate_old, image_root, image_format, min_side, not quiet,
-                       tokenizer=model_tokenizer(model), box_space=box_space, max_decode_pixels=max_decode_pixels)
+    hf = {k: v for k, v in (('hf_split', hf_split), ('prompt', prompt)) if v is not None}
+    kw = dict(spec=spec, workers=workers, image_format=image_format, min_side=min_side, progress=not quiet,
+              tokenizer=model_tokenizer(model), box_space=box_space, max_decode_pixels=max_decode_pixels)
+    if shard:
+        summary = convert_shard(input, out, shard, split, format, migrate_old, image_root, hf, **kw)
+        print(summary)
+        print(f"shard {shard} committed; once every shard is: vlmlab merge-shards --out {out} --split {split}")
+        return 1 if strict and summary.rejected else 0
+    kw.pop('spec')
+    summary = _convert(input, out, spec, split, format, migrate_old=migrate_old, image_root=image_root, hf_options=hf, **kw)
     print(summary)
     rejects = Path(out) / f'{split}.rejects.jsonl'   # zero inputs: data.convert refused before writing anything
     if summary.written == 0: raise ValueError(_rejected_line(summary, rejects))
     if summary.rejected: print(f"reasons for each rejected input: {rejects}")
+    return 1 if strict and summary.rejected else 0
+
+# %% ../nbs/90_cli.ipynb #90-cli-010s
+@command
+def merge_shards(*,
+                 out: str = 'ds_output', # the output folder the shards were converted into (it holds shards/); the merged split is written here
+                 split: str = 'train', # split name
+                 skip_images: bool = False, # do not hash every shard image against its manifest before merging
+                 keep_shards: bool = False, # keep OUT/shards/ after a successful merge
+                 strict: bool = False, # exit with status 1 when any input was rejected
+                ) -> int:
+    "Merge the shards of `convert --shard I/N` into the split one unsharded conversion writes; refuse missing or doubled shards."
+    from vlmlab.scale import merge_shards as _merge
+    summary = _merge(out, split, not skip_images, keep_shards)
+    print(summary)
+    if summary.written == 0: raise ValueError(_rejected_line(summary, Path(out) / f'{split}.rejects.jsonl'))
     return 1 if strict and summary.rejected else 0
 
 # %% ../nbs/90_cli.ipynb #90-cli-010c

@@ -64,7 +64,7 @@ def packed_position_ids(sample: ProcessedSample, # a processed sample
     return torch.cat([torch.arange(len(sample)).unsqueeze(0), mrope])
 
 # %% ../nbs/04_collators.ipynb #04-collators-008
-VLMLAB_KEYS = ('label_kind', 'cu_seqlens', 'sample_ids', 'detection_targets')  # batch entries for vlmlab's checks and losses, not the model
+VLMLAB_KEYS = ('label_kind', 'cu_seqlens', 'sample_ids', 'detection_targets', 'chat_counts')  # batch entries for vlmlab's checks and losses, not the model
 
 class CollatorError(ValueError):
     "A batch that breaks a collator contract."

@@ -50,6 +50,7 @@ class DataConfig:
     teacher_ratio: float = 0.0              # probability of teacher demonstrations
     n_teachers: int = 1                     # demonstrations per sample
     check_placeholders: bool = True         # refuse text with an unfilled template placeholder ({label}, <image>, ...)
+    allow_near_duplicates: bool = False     # near-duplicate images across splits warn instead of stopping the run
 
 # %% ../nbs/06a_config.ipynb #06a-config-006
 @dataclass
@@ -77,6 +78,7 @@ class TrainingConfig:
     logging_steps: int = 10                 # log every this many steps
     save_steps: int = 500                   # checkpoint every this many steps
     lm_weight: float = 1.0                  # weight of the LM loss next to the detection loss
+    dataloader_num_workers: int = 0         # processes that read, resize and process samples beside the training loop
     detection: DetectionLossConfig = field(default_factory=DetectionLossConfig)  # detection loss weights
 
 LOSS_TERMS = ('loss', 'lm_loss', 'teacher_lm_loss', 'student_lm_loss', 'detection_loss', 'bbox_l1', 'bbox_giou', 'objectness', 'caption')   # what a run computes and logs: lm_* weighed by training.lm_weight, the rest by training.detection
@@ -127,6 +129,7 @@ CONFIG_RANGES = {   # every int / float field of the schema has an entry (`VLMLa
     'training.warmup_ratio': Range(0, 1, hi_open=True, fix='a fraction of the run (0.03 warms up over 3% of the steps), never all of it'),
     'training.max_grad_norm': Range(0, fix='the clipping norm, or 0 for no clipping'),
     'training.seed': Range(0, 2**32 - 1), 'training.logging_steps': POS_INT, 'training.save_steps': POS_INT,
+    'training.dataloader_num_workers': Range(0, 256),
     'training.lm_weight': Range(0, fix='the LM loss weight, >= 0'),
     'training.detection.detection_bbox_weight': Range(0), 'training.detection.detection_giou_weight': Range(0),
     'training.detection.detection_objectness_weight': Range(0), 'training.detection.detection_caption_weight': Range(0),

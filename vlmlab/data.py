@@ -21,8 +21,9 @@ import uuid
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
+from itertools import chain, islice
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -42,9 +43,9 @@ __all__ = ['BOX_FORMAT', 'RECORD_KEYS', 'IMAGE_KEYS', 'SHAPE_COLORS', 'SHAPE_KIN
            'SPECIAL_TEXTS', 'QWEN_ADDED_TEXTS', 'ANSWER_NOTATION', 'LLAVA_ROLES', 'Reject', 'record_images',
            'is_image_part', 'image_parts', 'draw_shape', 'make_shapes', 'OldFormatError', 'clean_raw_json',
            'read_raw_json', 'clean_raw_dir', 'check_box', 'Sample', 'storage_name', 'tokenizer_specials',
-           'special_tokens_in', 'sample_texts', 'text_problems', 'convert_sample', 'read_raw', 'llava_messages',
-           'read_llava', 'read_coco', 'ConversionSummary', 'convert', 'ValidationReport', 'resolve_inside',
-           'check_record', 'read_jsonl', 'validate']
+           'special_tokens_in', 'sample_texts', 'text_problems', 'convert_sample', 'read_raw', 'iter_json_list',
+           'llava_messages', 'read_llava', 'read_coco', 'ConversionSummary', 'convert_samples', 'convert',
+           'ValidationReport', 'resolve_inside', 'check_record', 'read_jsonl', 'validate']
 
 # %% ../nbs/02_data.ipynb #02-data-006
 BOX_FORMAT = 'xyxy_px'
@@ -512,6 +513,45 @@ def _raw_conversations(conv: Any, where: str) -> list | None:
     if not any(m['role'] == 'assistant' for m in conv): raise Reject(f"{where}: no assistant turn to learn from")
     return [dict(m, content=[dict(q) for q in m['content']] if isinstance(m['content'], list) else m['content']) for m in conv]
 
+# %% ../nbs/02_data.ipynb #02-data-025j
+def iter_json_list(path: str | Path, # a file holding one JSON list (a LLaVA annotation file)
+                   chunk_chars: int = 1 << 20, # characters read at a time
+                  ) -> Iterator[Any]:
+    "The items of a JSON list file, parsed one at a time: the list is never held whole. `ValueError` names the line of bad JSON."
+    dec, ws = json.JSONDecoder(), ' \t\r\n'
+    with open(path, encoding='utf-8-sig') as f:
+        buf, pos, line, eof = '', 0, 1, False
+        def more() -> bool:
+            nonlocal buf, pos, line, eof
+            if eof: return False
+            line += buf.count('\n', 0, pos)
+            new = f.read(chunk_chars); eof = not new; buf, pos = buf[pos:] + new, 0
+            return not eof
+        def skip_ws() -> str:   # the next significant character ('' at the end of the file)
+            nonlocal pos
+            while True:
+                while pos < len(buf) and buf[pos] in ws: pos += 1
+                if pos < len(buf) or not more(): return buf[pos:pos + 1]
+        def fail(what: str):
+            raise ValueError(f"{path}: malformed JSON at line {line + buf.count(chr(10), 0, pos)}: {what}")
+        if skip_ws() != '[': fail("expected a JSON list ('[')")
+        pos += 1
+        if skip_ws() == ']': pos += 1; return
+        while True:
+            while True:   # one item, complete once a separator follows it (a number cut by the chunk goes on in the next)
+                try:
+                    item, end = dec.raw_decode(buf, pos)
+                    if end < len(buf) and buf[end] in ws + ',]' or eof: break
+                except json.JSONDecodeError as e:
+                    if eof: fail(e.msg)
+                more()
+            pos = end; yield item
+            c = skip_ws()
+            if c == ']': pos += 1; break
+            if c != ',': fail(f"expected ',' or ']' after item, got {c!r}" if c else "the list is not closed (']' missing)")
+            pos += 1; skip_ws()
+        if skip_ws(): fail("text after the list")
+
 # %% ../nbs/02_data.ipynb #02-data-025a
 LLAVA_ROLES = {'human': 'user', 'user': 'user', 'gpt': 'assistant', 'assistant': 'assistant', 'system': 'system'}
 
@@ -542,14 +582,15 @@ def llava_messages(conversations: list, # LLaVA turns: {'from', 'value'}
 def read_llava(path: str | Path, # LLaVA-style JSON list
                image_root: str | Path | None = None, # folder the 'image' paths are relative to (default: the JSON's)
               ) -> Iterator[Sample]:
-    "Samples from a LLaVA-style conversation JSON."
+    "Samples from a LLaVA-style conversation JSON, read one item at a time."
     path = Path(path); root = Path(image_root) if image_root else path.parent
-    try: items = json.loads(path.read_text(encoding='utf-8-sig'))
+    try:   # a first pass checks the whole file, holding nothing: a broken file is one rejected input, as before any sample
+        for _ in iter_json_list(path): pass
     except (OSError, UnicodeDecodeError) as e: raise Reject(f"{path}: cannot read ({e})") from e
-    except json.JSONDecodeError as e: raise Reject(f"{path}: malformed JSON at line {e.lineno}: {e.msg}") from e
     except RecursionError: raise Reject(f"{path}: JSON nested too deeply to read") from None
-    if not isinstance(items, list): raise Reject(f"{path}: a LLaVA file is a JSON list of samples")
-    for k, it in enumerate(items):
+    except ValueError as e:
+        raise Reject(f"{path}: a LLaVA file is a JSON list of samples" if "expected a JSON list" in str(e) else str(e)) from None
+    for k, it in enumerate(iter_json_list(path)):   # the second makes the samples, one item at a time
         where = f"{path}[{k}]"
         sid = str(it.get('id', f'{path.stem}-{k}')) if isinstance(it, dict) else f'{path.stem}-{k}'
         try:
@@ -701,21 +742,26 @@ def _run_tasks(tasks: list, workers: int, bar: dict) -> list:
                 groups += [broken[half:], broken[:half]]
     return results
 
-def _iter_samples(inputs: list[Path], fmt: str, migrate_old: bool, image_root) -> Iterator[Sample]:
+def _sniff_json(inp: Path) -> str:
+    "raw, llava or coco from a JSON file's content; a list is read as a stream, never held whole."
+    try:
+        with open(inp, encoding='utf-8-sig') as f: first = f.read(4096).lstrip()[:1]
+        if first == '[': return 'llava' if any(isinstance(h, dict) and 'conversations' in h for h in iter_json_list(inp)) else 'raw'
+        head = json.loads(inp.read_text(encoding='utf-8-sig')) if first == '{' else None
+    except (OSError, ValueError, RecursionError): return 'raw'
+    return 'coco' if isinstance(head, dict) and ('annotations' in head or {'images', 'categories'} <= head.keys()) else 'raw'
+
+def _iter_samples(inputs: list[Path], fmt: str, migrate_old: bool, image_root, stage_dir=None, hf_options: dict | None = None) -> Iterator[Sample]:
+    from .scale import is_hf_source, read_hf   # Hugging Face datasets (the optional `datasets`) are read on the scale page
     for inp in inputs:
         kind = fmt
-        if kind == 'auto':
-            if inp.is_dir(): kind = 'raw'
-            else:
-                try: head = json.loads(inp.read_text(encoding='utf-8-sig'))
-                except (OSError, ValueError, RecursionError): head = None
-                kind = 'coco' if isinstance(head, dict) and ('annotations' in head or {'images', 'categories'} <= head.keys()) else \
-                       'llava' if isinstance(head, list) and any(isinstance(h, dict) and 'conversations' in h for h in head) else 'raw'
+        if kind == 'auto': kind = 'hf' if is_hf_source(inp) else 'raw' if inp.is_dir() else _sniff_json(inp)
         try:
             if kind == 'raw': yield from read_raw(sorted(inp.glob('*.json')) if inp.is_dir() else [inp], migrate_old)
             elif kind == 'llava': yield from read_llava(inp, image_root)
             elif kind == 'coco': yield from read_coco(inp, image_root)
-            else: raise ValueError(f"unknown input format {fmt!r}; use auto, raw, llava or coco")
+            elif kind == 'hf': yield from read_hf(inp, image_root, stage_dir, **(hf_options or {}))
+            else: raise ValueError(f"unknown input format {fmt!r}; use auto, raw, llava, coco or hf")
         except Reject as e:  # the whole file is unusable: one rejected input
             yield Sample(inp.stem, str(inp), None, error=str(e))
 
@@ -739,68 +785,120 @@ def _make_writable(out: Path, split: str) -> None:
     except OSError as e:
         raise OSError(e.errno, f"output directory {out}: not writable ({errno.errorcode.get(e.errno, e.errno)}: {e.strerror})") from None
 
-def _read_samples(inputs, fmt: str, migrate_old: bool, image_root, out: Path) -> list[Sample]:
-    "Every input sample, duplicates of an id marked; refuses missing inputs and no inputs at all (the output folder untouched)."
+def _input_samples(inputs, fmt: str, migrate_old: bool, image_root, out: Path, stage_dir=None,
+                   hf_options: dict | None = None) -> Iterator[Sample]:
+    "The input samples as a stream; refuses missing inputs and no inputs at all before anything is written (the first is read here)."
     inputs = [Path(p) for p in (inputs if isinstance(inputs, (list, tuple)) else [inputs])]
     for p in inputs:
         if not p.exists(): raise FileNotFoundError(f"input {p} does not exist")
-    samples, seen = [], set()
-    for s in _iter_samples(inputs, fmt, migrate_old, image_root):
-        if s.error is None and s.id in seen: s.error = f"{s.source}: duplicate id {s.id!r} (ids name the stored images)"
-        seen.add(s.id); samples.append(s)
-    if not samples:
+    stream = _iter_samples(inputs, fmt, migrate_old, image_root, stage_dir, hf_options)
+    first = next(stream, None)
+    if first is None:
         raise ValueError(f"no annotation inputs in {', '.join(map(str, inputs))} (a folder of raw JSON files, a LLaVA or a COCO "
-                         f"JSON; fmt={fmt!r}): nothing was written, {out} is as it was")
-    return samples
+                         f"JSON, a Hugging Face dataset; fmt={fmt!r}): nothing was written, {out} is as it was")
+    return chain([first], stream)
+
+# %% ../nbs/02_data.ipynb #02-data-027s
+def _unique_ids(samples: Iterable[Sample]) -> Iterator[Sample]:
+    "The samples, a repeated id marked as the duplicate it is, without holding the samples (a set of ids)."
+    seen: set[str] = set()
+    for s in samples:
+        if s.error is None and s.id in seen: s.error = f"{s.source}: duplicate id {s.id!r} (ids name the stored images)"
+        seen.add(s.id); yield s
+
+def convert_samples(samples: Iterable[Sample], # input samples (a generator is read one chunk at a time)
+                    out_dir: str | Path = 'ds_output', # output folder
+                    spec: ResizeSpec | None = None, # resize spec of the target model (default: the default family's)
+                    split: str = 'train', # split name
+                    workers: int = 1, # worker processes
+                    image_format: str = 'png', # stored image format: png or jpg
+                    min_side: int | None = None, # smallest accepted image side (default: the spec's factor)
+                    progress: bool = True, # show a progress bar
+                    tokenizer: Any = None, # the model's tokenizer: its special tokens are refused in texts as well
+                    box_space: str = 'pixels', # how boxes in answer texts are meant
+                    max_decode_pixels: int | None = None, # refuse larger source frames before decoding
+                    chunk: int = 1024, # samples held in memory at once
+                    staged: str | Path | None = None, # a folder of temporary image files (HF bytes): each is deleted once converted
+                    on_result: Callable[[Sample, bool], None] | None = None, # called with each sample and whether it was written
+                    allow_empty: bool = False, # commit an empty split instead of refusing no inputs (an empty shard)
+                   ) -> ConversionSummary:
+    "`convert` for a stream of samples: a chunk at a time, records spooled to disk, committed with a manifest at the end."
+    spec = spec or ResizeSpec.for_family(DEFAULT_FAMILY)
+    _check_convert_options(split, out_dir, box_space, max_decode_pixels, spec)
+    out, stream = Path(out_dir), _unique_ids(samples)
+    block = list(islice(stream, chunk))
+    if not block and not allow_empty: raise ValueError(f"no input samples: nothing was written, {out} is as it was")
+    _make_writable(out, split)
+    run_id = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+    with output_lock(out, run_id):
+        clean_stale_temps([out, out / 'images' / split])
+        extra, spool = tokenizer_specials(tokenizer), out / f'.{split}.jsonl.spool.tmp-{os.getpid()}'
+        inputs, written, rejects, notes, images = 0, 0, [], {}, {}
+        try:
+            with open(spool, 'wb') as lines, tqdm(desc=f'convert {split}', unit='img', disable=not progress) as bar:
+                while block:
+                    tasks = [(s, spec, str(out), split, image_format, min_side, extra, box_space, max_decode_pixels) for s in block]
+                    for s, (status, val, line, sample_notes) in zip(block, _run_tasks(tasks, workers, {'disable': True})):
+                        if status == 'ok':
+                            entries = record_images(val)
+                            if clash := [e['image'] for e in entries if e['image'] in images]:
+                                status, val = 'reject', f"{s.source} (sample {s.id!r}): stored image {clash[0]} is already another record's"
+                            else: images.update({e['image']: e['image_sha256'] for e in entries}); lines.write(line); written += 1
+                        if status != 'ok': rejects.append({'id': s.id, 'source': s.source, 'reason': val})
+                        for n in sample_notes: notes.setdefault(n, []).append(s.id)
+                        if on_result: on_result(s, status == 'ok')
+                        if staged: _drop_staged(s, Path(staged))
+                    inputs += len(block); bar.update(len(block))
+                    block = list(islice(stream, chunk))
+            summary = _commit(out, split, spool.read_bytes(), rejects, images, notes, spec.to_dict(), inputs, written, run_id)
+        finally: spool.unlink(missing_ok=True)
+    return summary
+
+# %% ../nbs/02_data.ipynb #02-data-027t
+def _drop_staged(sample: Sample, staged: Path) -> None:
+    "Delete the sample's image files that lie in the staging folder (written from dataset bytes, converted now)."
+    for p in sample.image_paths:
+        if p.parent == staged: p.unlink(missing_ok=True)
+
+def _commit(out: Path, split: str, lines: bytes, rejects: list[dict], images: dict[str, str], notes: dict[str, list],
+            resize: dict, inputs: int, written: int, run_id: str) -> ConversionSummary:
+    "Count, check the balance, and commit a split exactly as `convert` commits it (lock held)."
+    reasons: dict[str, int] = {}
+    for r in rejects: reasons[_reason_kind(r['reason'])] = reasons.get(_reason_kind(r['reason']), 0) + 1
+    summary = ConversionSummary(inputs, written, len(rejects), reasons, str(out), split, resize, notes)
+    assert summary.balanced, f"conversion lost inputs: {summary}"
+    files = dict(zip(split_files(split), (lines, b''.join(_safe_line(r) for r in rejects),
+                                          _safe_line(dict(summary.__dict__, balanced=summary.balanced, run_id=run_id)))))
+    commit_split(out, split, files, images, {'inputs': summary.inputs, 'written': summary.written,
+                                             'rejected': summary.rejected}, run_id, write=write_atomic)
+    remove_unreferenced_images(out, split, images)
+    return summary
 
 # %% ../nbs/02_data.ipynb #02-data-027d
-def convert(inputs: str | Path | list, # raw JSON folder(s)/files, a LLaVA JSON or a COCO JSON
+def convert(inputs: str | Path | list, # raw JSON folder(s)/files, a LLaVA JSON, a COCO JSON, a Hugging Face dataset
             out_dir: str | Path = 'ds_output', # output folder
             spec: ResizeSpec | None = None, # resize spec of the target model (default: Qwen2.5-VL released)
             split: str = 'train', # split name: output files are {split}.jsonl etc.
-            fmt: str = 'auto', # input format: auto, raw, llava or coco
+            fmt: str = 'auto', # input format: auto, raw, llava, coco or hf (a saved Hugging Face dataset or parquet files)
             workers: int = 1, # worker processes (1: convert in this process)
             migrate_old: bool = False, # migrate old list-shaped raw JSON on the fly instead of rejecting it
-            image_root: str | Path | None = None, # folder image paths are relative to (llava / coco)
+            image_root: str | Path | None = None, # folder image paths are relative to (llava / coco / hf)
             image_format: str = 'png', # stored image format: png or jpg
             min_side: int | None = None, # smallest accepted image side (default: the spec's factor)
             progress: bool = True, # show a progress bar
             tokenizer: Any = None, # the model's tokenizer: its special / added tokens are refused in texts as well
             box_space: str = 'pixels', # how boxes in answer texts are meant: pixels (of the original image), rel1000, rel1, auto
             max_decode_pixels: int | None = None, # refuse larger source frames before decoding (default: `spec.max_decode_pixels`)
+            hf_options: dict | None = None, # `vlmlab.scale.read_hf`'s column options (hf_split, image_column, prompt, ...)
            ) -> ConversionSummary:
     "Convert annotations into `out_dir/{split}.jsonl` plus resized images, committed with a manifest; account for every input."
     spec = spec or ResizeSpec.for_family(DEFAULT_FAMILY)
     _check_convert_options(split, out_dir, box_space, max_decode_pixels, spec)
     out = Path(out_dir)
-    samples = _read_samples(inputs, fmt, migrate_old, image_root, out)   # before anything is written
-    _make_writable(out, split)
-    run_id = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"
-    with output_lock(out, run_id):
-        clean_stale_temps([out, out / 'images' / split])
-        extra = tokenizer_specials(tokenizer)
-        tasks = [(s, spec, str(out), split, image_format, min_side, extra, box_space, max_decode_pixels) for s in samples]
-        results = _run_tasks(tasks, workers, dict(total=len(tasks), desc=f'convert {split}', unit='img', disable=not progress))
-        lines, rejects, notes, images = [], [], {}, {}
-        for s, (status, val, line, sample_notes) in zip(samples, results):
-            if status == 'ok':
-                entries = record_images(val)
-                if clash := [e['image'] for e in entries if e['image'] in images]:   # unique by construction; checked
-                    status, val = 'reject', f"{s.source} (sample {s.id!r}): stored image {clash[0]} is already another record's"
-                else:
-                    images.update({e['image']: e['image_sha256'] for e in entries}); lines.append(line)
-            if status != 'ok': rejects.append({'id': s.id, 'source': s.source, 'reason': val})
-            for n in sample_notes: notes.setdefault(n, []).append(s.id)
-        reasons: dict[str, int] = {}
-        for r in rejects: reasons[_reason_kind(r['reason'])] = reasons.get(_reason_kind(r['reason']), 0) + 1
-        summary = ConversionSummary(len(samples), len(lines), len(rejects), reasons, str(out), split, spec.to_dict(), notes)
-        assert summary.balanced, f"conversion lost inputs: {summary}"
-        files = dict(zip(split_files(split), (b''.join(lines), b''.join(_safe_line(r) for r in rejects),
-                                              _safe_line(dict(summary.__dict__, balanced=summary.balanced, run_id=run_id)))))
-        commit_split(out, split, files, images, {'inputs': summary.inputs, 'written': summary.written,
-                                                 'rejected': summary.rejected}, run_id, write=write_atomic)
-        remove_unreferenced_images(out, split, images)
-    return summary
+    with tempfile.TemporaryDirectory(prefix='vlmlab-stage-') as stage:   # a dataset's image bytes, one chunk at a time
+        samples = _input_samples(inputs, fmt, migrate_old, image_root, out, stage, hf_options)   # before anything is written
+        return convert_samples(samples, out, spec, split, workers, image_format, min_side, progress, tokenizer, box_space,
+                               max_decode_pixels, staged=stage)
 
 def _safe_line(row: dict) -> bytes:
     "A reject or summary as a JSON line: UTF-8 where it can be, text that UTF-8 cannot encode kept as JSON escapes."
@@ -946,16 +1044,17 @@ def validate(out_dir: str | Path = 'ds_output', # the ds_output folder
             ) -> ValidationReport:
     "Check every split's manifest, every record of every split, and look for leakage between splits."
     if not near_duplicate_difference >= 0: raise ValueError(f"near_duplicate_difference must be >= 0, got {near_duplicate_difference}")
+    from .scale import LazyRecords   # the valid records are kept as offsets into the file, not as dicts
     root = Path(out_dir)
     files = sorted(p for p in root.glob('*.jsonl') if not p.name.endswith('.rejects.jsonl'))
     if not files: return ValidationReport(str(root), {}, [f"{root}: no {{split}}.jsonl files (run vlmlab convert first)"], [])
     counts, errors, splits, manifest, extra = {}, [], {}, [], tokenizer_specials(tokenizer)
     for f in files:
-        split, ids, recs = f.stem, set(), []
+        split, ids, good = f.stem, set(), []
         try: check_manifest(root, split, check_images=False)   # the records vouch for their images' hashes below
         except ManifestError as e: manifest.append(str(e))
         n_lines = 0
-        for n, rec, err in tqdm(list(read_jsonl(f)), desc=f'validate {split}', unit='rec', disable=not progress):
+        for k, (n, rec, err) in enumerate(tqdm(read_jsonl(f), desc=f'validate {split}', unit='rec', disable=not progress)):
             n_lines += 1
             rid = rec.get('id') if isinstance(rec, dict) else None
             where = f"{f.name}:{n} ({rid!r})"
@@ -964,11 +1063,11 @@ def validate(out_dir: str | Path = 'ds_output', # the ds_output folder
                 check_record(rec, root, spec, check_images, extra)
                 if rid in ids: raise Reject(f"duplicate id {rid!r}")
             except ValueError as e: errors.append(f"{where}: {e}"); continue
-            ids.add(rid); recs.append(rec)
+            ids.add(rid); good.append(k)
         if not n_lines:
             errors.append(f"{f.name}: 0 records: nothing to train on (every input rejected? see {split}.rejects.jsonl and "
                           f"{split}.summary.json; a wrong --image-root is the usual cause)")
-        counts[split], splits[split] = len(recs), recs
+        counts[split], splits[split] = len(good), LazyRecords(f).select(good)   # read again by the leak checks
     for mf in sorted(root.glob('*.manifest.json')):   # a committed split whose records file is gone
         if not (root / f"{mf.name[:-len('.manifest.json')]}.jsonl").exists():
             try: check_manifest(root, mf.name[:-len('.manifest.json')], check_images=False)

@@ -15,10 +15,14 @@ import torch
 from .box_ops import box_iou
 
 # %% auto #0
-__all__ = ['evaluate_detections', 'ground_truth', 'baseline_predictions']
+__all__ = ['coco_eval', 'evaluate_detections', 'evaluate_text_path', 'ground_truth', 'baseline_predictions']
 
 # %% ../nbs/05d_evaluation.ipynb #05-detection-033
-def _coco_ap(gts: list[dict], preds: list[dict], by_label: bool) -> dict:
+def coco_eval(gts: list[dict], # per image: boxes (n, 4) xyxy px, labels [str], size (w, h)
+              preds: list[dict], # per image: boxes (m, 4) xyxy px, scores (m,), labels [str]
+              by_label: bool = False, # the caption text is the class (else every box is one class, 'object')
+             ):
+    "pycocotools' COCOeval of the predictions, evaluated and accumulated (maxDets 1, 10, 100); None without ground-truth boxes or predictions."
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
     labels = sorted({l for g in gts for l in g['labels']}) if by_label else ['object']
@@ -34,13 +38,18 @@ def _coco_ap(gts: list[dict], preds: list[dict], by_label: bool) -> dict:
             if by_label and l not in cat: continue   # a caption naming no ground-truth class cannot be a true positive
             dets.append({'image_id': i + 1, 'category_id': cat[l] if by_label else 1, 'score': float(s),
                          'bbox': [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])]})
-    if not anns: return {'mAP': float('nan'), 'AP50': float('nan'), 'AP75': float('nan')}
-    if not dets: return {'mAP': 0.0, 'AP50': 0.0, 'AP75': 0.0}
+    if not anns or not dets: return None
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO(); gt.dataset = {'images': images, 'annotations': anns, 'categories': [{'id': v, 'name': k} for k, v in cat.items()]}
         gt.createIndex()
         ev = COCOeval(gt, gt.loadRes(dets), 'bbox'); ev.params.maxDets = [1, 10, 100]
-        ev.evaluate(); ev.accumulate(); ev.summarize()
+        ev.evaluate(); ev.accumulate()
+    return ev
+
+def _coco_ap(gts: list[dict], preds: list[dict], by_label: bool) -> dict:
+    if not any(len(np.asarray(g['boxes']).reshape(-1, 4)) for g in gts): return {'mAP': float('nan'), 'AP50': float('nan'), 'AP75': float('nan')}
+    if (ev := coco_eval(gts, preds, by_label)) is None: return {'mAP': 0.0, 'AP50': 0.0, 'AP75': 0.0}
+    with contextlib.redirect_stdout(io.StringIO()): ev.summarize()
     return {'mAP': float(ev.stats[0]), 'AP50': float(ev.stats[1]), 'AP75': float(ev.stats[2])}
 
 def _token_f1(a: str, b: str) -> float:
@@ -66,6 +75,14 @@ def evaluate_detections(gts: list[dict], # per image: boxes (n, 4) xyxy px, labe
                 exact += p['labels'][cand[0]] == g['labels'][k]; f1 += _token_f1(p['labels'][cand[0]], g['labels'][k])
     res['captions'] = {'exact_match': exact / max(n, 1), 'token_f1': f1 / max(n, 1), 'gt_boxes': n}
     return res
+
+# %% ../nbs/05d_evaluation.ipynb #05d-evaluation-022
+def evaluate_text_path(gts: list[dict], # per image: boxes (n, 4) xyxy px, labels [str], size (w, h)
+                       preds: list[dict], # text-path predictions (`vlmlab.inference.text_predictions`): boxes, scores, labels
+                      ) -> dict:
+    "`evaluate_detections` of the same text-path boxes with their token-probability scores ('scored') and with 1.0 on every box ('constant')."
+    constant = [{**p, 'scores': [1.0] * len(np.asarray(p['boxes']).reshape(-1, 4))} for p in preds]
+    return {'scored': evaluate_detections(gts, preds), 'constant': evaluate_detections(gts, constant)}
 
 # %% ../nbs/05d_evaluation.ipynb #05d-evaluation-005
 def ground_truth(records: Sequence[dict], # converted records (their objects and stored size)

@@ -18,8 +18,8 @@ from .families import family_of_config, UnknownFamilyError
 # %% auto #0
 __all__ = ['BOUNDARY_KEYS', 'LINEAR_KERNELS', 'PackingError', 'seq_idx_from_cu_seqlens', 'cu_seqlens_from_seq_idx',
            'row_boundaries', 'kernel_behind', 'linear_attention_kernels', 'is_linear_attention',
-           'linear_attention_layers', 'PackedForward', 'is_packing_safe', 'make_packing_safe', 'packing_problem',
-           'kernel_stand_ins']
+           'linear_attention_layers', 'PackedForward', 'is_packing_safe', 'make_packing_safe', 'prepare_for_packing',
+           'packing_problem', 'kernel_stand_ins']
 
 # %% ../nbs/04b_hybrid.ipynb #04b-hybrid-019
 BOUNDARY_KEYS = ('cu_seq_lens_q', 'cu_seq_lens_k', 'max_length_q', 'max_length_k', 'seq_idx')  # what a packed row hands the layers
@@ -148,6 +148,16 @@ def make_packing_safe(vlm: torch.nn.Module, # a transformers model with linear-a
 def _language_model(vlm):
     "The text model that holds the decoder layers, whatever wraps it."
     return next((m for m in vlm.modules() if hasattr(m, 'embed_tokens') and hasattr(m, 'layers')), None)
+
+# %% ../nbs/04b_hybrid.ipynb #04b-hybrid-prep
+def prepare_for_packing(vlm: torch.nn.Module, # a transformers Qwen vision-language model
+                        requested: str | None = None, # the attention asked for (config `model.attn_implementation`)
+                       ) -> str:
+    "Packed attention for the language model and, in hybrid families, boundary-aware linear attention; return the attention used."
+    from vlmlab.attention import use_packed_attention
+    impl = use_packed_attention(vlm, requested)
+    make_packing_safe(vlm)   # no linear-attention layer: nothing to do
+    return impl
 
 # %% ../nbs/04b_hybrid.ipynb #04b-hybrid-051
 def packing_problem(vlm: torch.nn.Module, # the model the batch goes to

@@ -130,20 +130,23 @@ def text_predictions(detector: VLMDetector, # a VLMDetector (its VLM generates; 
                      ds_root, # the ds_output folder
                      prompt: str, # the grounding question, as in training
                      max_new_tokens: int = 96, # longest answer
+                     scores: str = 'object', # each box's score: a rule of `vlmlab.text_scores.SCORE_RULES`, or 'constant' (1.0 for every box)
                     ) -> tuple[list[dict], int]:
-    "Text-path predictions: the boxes the LM writes for each record (stored-image pixels), and how many answers did not parse."
+    "Text-path predictions: the boxes the LM writes for each record (stored-image pixels), scored from its token probabilities, and how many answers did not parse."
     from vlmlab.data import resolve_inside
+    from vlmlab.text_scores import SCORE_RULES, scored_boxes   # text_scores (05e) builds on this module
     from vlmlab.vision import load_image
+    if scores != 'constant' and scores not in SCORE_RULES:
+        raise ValueError(f"scores={scores!r}: use one of {', '.join(SCORE_RULES)}, or 'constant' for 1.0 on every box")
+    rules = () if scores == 'constant' else tuple(SCORE_RULES)
     detector.eval()
     preds, unparsed = [], 0
     for r in records:
         batch = prompt_inputs(detector, load_image(resolve_inside(Path(ds_root), r['image'])), prompt, r['id'])
-        gen = detector.vlm.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
-        text = detector.tokenizer.decode(gen[0, batch['input_ids'].shape[1]:], skip_special_tokens=False).split(IM_END)[0]
-        try: objs = parse_grounding(text, detector.family)
+        gen = detector.vlm.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)[0, batch['input_ids'].shape[1]:]
+        try: objs = scored_boxes(detector, batch, gen, rules)
         except GroundingParseError: objs, unparsed = [], unparsed + 1
         size = tuple(r['size'])
-        preds.append({'boxes': grounding_to_pixels(objs, detector.family, size, size).tolist(), 'scores': [1.0] * len(objs),
-                      'labels': [o['label'] for o in objs]})
+        preds.append({'boxes': grounding_to_pixels(objs, detector.family, size, size).tolist(), 'labels': [o['label'] for o in objs],
+                      'scores': [o['scores'].get(scores, 1.0) for o in objs], 'rule_scores': {k: [o['scores'][k] for o in objs] for k in rules}})
     return preds, unparsed
-

@@ -16,26 +16,20 @@ import time
 import uuid
 from array import array
 from collections.abc import Sequence as SequenceABC
-from itertools import islice
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 from fastcore.basics import patch
-from tqdm.auto import tqdm
 
-from .commit import (ManifestError, check_manifest, clean_stale_temps, commit_split, output_lock,
-                           remove_unreferenced_images, split_files, write_atomic)
-from .data import (ConversionSummary, Reject, Sample, _check_convert_options, _iter_samples, _make_writable,
-                         _raw_conversations, _reason_kind, _run_tasks, _safe_line, llava_messages, record_images, storage_name,
-                         tokenizer_specials)
-from .families import DEFAULT_FAMILY
-from .vision import ResizeSpec
+from .commit import ManifestError, check_manifest, clean_stale_temps, output_lock, write_atomic
+from .data import (ConversionSummary, Reject, Sample, _commit, _iter_samples, _make_writable, _raw_conversations,
+                         convert_samples, llava_messages, record_images, storage_name)
 
 # %% auto #0
 __all__ = ['HF_MARKERS', 'HF_IMAGE_COLUMNS', 'HF_CONVERSATION_COLUMNS', 'HF_TEXT_COLUMNS', 'RecordError', 'LazyRecords',
-           'ShardError', 'parse_shard', 'shard_of', 'shard_dir', 'ShardFilter', 'convert_samples', 'is_hf_source',
-           'open_hf', 'hf_image_path', 'read_hf', 'iter_samples', 'convert_shard', 'check_shards', 'merge_shards']
+           'ShardError', 'parse_shard', 'shard_of', 'shard_dir', 'ShardFilter', 'is_hf_source', 'open_hf',
+           'hf_image_path', 'read_hf', 'iter_samples', 'convert_shard', 'check_shards', 'merge_shards']
 
 # %% ../nbs/02b_scale.ipynb #02b-scale-006
 class RecordError(ValueError):
@@ -112,6 +106,16 @@ def close(self: LazyRecords) -> None:
     if self._fh is not None and self._pid == os.getpid(): self._fh.close()
     self._fh = self._pid = None
 
+@patch
+def select(self: LazyRecords, indices: Iterable[int], # positions of the records to keep, in the order wanted
+          ) -> LazyRecords:
+    "The records at `indices` as a `LazyRecords` of the same file (e.g. the valid ones), without reading the file again."
+    out = object.__new__(LazyRecords)
+    out.__dict__.update(self.__dict__, _fh=None, _pid=None)
+    idx = [operator.index(i) for i in indices]
+    out._offsets, out._lines = array('q', (self._offsets[i] for i in idx)), array('q', (self._lines[i] for i in idx))
+    return out
+
 # %% ../nbs/02b_scale.ipynb #02b-scale-019
 class ShardError(ValueError):
     "Shards that do not add up to one conversion: one missing, doubled, from other inputs, or not as committed."
@@ -163,83 +167,7 @@ class ShardFilter:
         "sha256 over every input id in order: equal in every shard that read the same inputs."
         return self._digest.hexdigest()
 
-# %% ../nbs/02b_scale.ipynb #02b-scale-024
-def _unique_ids(samples: Iterable[Sample]) -> Iterator[Sample]:
-    "The samples, a repeated id marked as the duplicate it is (as `_read_samples` marks it), without holding the samples."
-    seen: set[str] = set()
-    for s in samples:
-        if s.error is None and s.id in seen: s.error = f"{s.source}: duplicate id {s.id!r} (ids name the stored images)"
-        seen.add(s.id); yield s
-
-def convert_samples(samples: Iterable[Sample], # input samples (a generator is read one chunk at a time)
-                    out_dir: str | Path = 'ds_output', # output folder
-                    spec: ResizeSpec | None = None, # resize spec of the target model (default: the default family's)
-                    split: str = 'train', # split name
-                    workers: int = 1, # worker processes
-                    image_format: str = 'png', # stored image format: png or jpg
-                    min_side: int | None = None, # smallest accepted image side (default: the spec's factor)
-                    progress: bool = True, # show a progress bar
-                    tokenizer: Any = None, # the model's tokenizer: its special tokens are refused in texts as well
-                    box_space: str = 'pixels', # how boxes in answer texts are meant
-                    max_decode_pixels: int | None = None, # refuse larger source frames before decoding
-                    chunk: int = 1024, # samples held in memory at once
-                    staged: str | Path | None = None, # a folder of temporary image files (HF bytes): each is deleted once converted
-                    on_result: Callable[[Sample, bool], None] | None = None, # called with each sample and whether it was written
-                    allow_empty: bool = False, # commit an empty split instead of refusing no inputs (an empty shard)
-                   ) -> ConversionSummary:
-    "`convert` for a stream of samples: a chunk at a time, records spooled to disk, committed with a manifest at the end."
-    spec = spec or ResizeSpec.for_family(DEFAULT_FAMILY)
-    _check_convert_options(split, out_dir, box_space, max_decode_pixels, spec)
-    out, stream = Path(out_dir), _unique_ids(samples)
-    block = list(islice(stream, chunk))
-    if not block and not allow_empty: raise ValueError(f"no input samples: nothing was written, {out} is as it was")
-    _make_writable(out, split)
-    run_id = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"
-    with output_lock(out, run_id):
-        clean_stale_temps([out, out / 'images' / split])
-        extra, spool = tokenizer_specials(tokenizer), out / f'.{split}.jsonl.spool.tmp-{os.getpid()}'
-        inputs, written, rejects, notes, images = 0, 0, [], {}, {}
-        try:
-            with open(spool, 'wb') as lines, tqdm(desc=f'convert {split}', unit='img', disable=not progress) as bar:
-                while block:
-                    tasks = [(s, spec, str(out), split, image_format, min_side, extra, box_space, max_decode_pixels) for s in block]
-                    for s, (status, val, line, sample_notes) in zip(block, _run_tasks(tasks, workers, {'disable': True})):
-                        if status == 'ok':
-                            entries = record_images(val)
-                            if clash := [e['image'] for e in entries if e['image'] in images]:
-                                status, val = 'reject', f"{s.source} (sample {s.id!r}): stored image {clash[0]} is already another record's"
-                            else: images.update({e['image']: e['image_sha256'] for e in entries}); lines.write(line); written += 1
-                        if status != 'ok': rejects.append({'id': s.id, 'source': s.source, 'reason': val})
-                        for n in sample_notes: notes.setdefault(n, []).append(s.id)
-                        if on_result: on_result(s, status == 'ok')
-                        if staged: _drop_staged(s, Path(staged))
-                    inputs += len(block); bar.update(len(block))
-                    block = list(islice(stream, chunk))
-            summary = _commit(out, split, spool.read_bytes(), rejects, images, notes, spec.to_dict(), inputs, written, run_id)
-        finally: spool.unlink(missing_ok=True)
-    return summary
-
 # %% ../nbs/02b_scale.ipynb #02b-scale-025
-def _drop_staged(sample: Sample, staged: Path) -> None:
-    "Delete the sample's image files that lie in the staging folder (written from dataset bytes, converted now)."
-    for p in sample.image_paths:
-        if p.parent == staged: p.unlink(missing_ok=True)
-
-def _commit(out: Path, split: str, lines: bytes, rejects: list[dict], images: dict[str, str], notes: dict[str, list],
-            resize: dict, inputs: int, written: int, run_id: str) -> ConversionSummary:
-    "Count, check the balance, and commit a split exactly as `convert` commits it (lock held)."
-    reasons: dict[str, int] = {}
-    for r in rejects: reasons[_reason_kind(r['reason'])] = reasons.get(_reason_kind(r['reason']), 0) + 1
-    summary = ConversionSummary(inputs, written, len(rejects), reasons, str(out), split, resize, notes)
-    assert summary.balanced, f"conversion lost inputs: {summary}"
-    files = dict(zip(split_files(split), (lines, b''.join(_safe_line(r) for r in rejects),
-                                          _safe_line(dict(summary.__dict__, balanced=summary.balanced, run_id=run_id)))))
-    commit_split(out, split, files, images, {'inputs': summary.inputs, 'written': summary.written,
-                                             'rejected': summary.rejected}, run_id, write=write_atomic)
-    remove_unreferenced_images(out, split, images)
-    return summary
-
-# %% ../nbs/02b_scale.ipynb #02b-scale-027
 HF_MARKERS = ('dataset_info.json', 'state.json', 'dataset_dict.json')   # what `Dataset.save_to_disk` writes
 HF_IMAGE_COLUMNS = ('image', 'images', 'image_path', 'file_name')        # looked for in this order
 HF_CONVERSATION_COLUMNS = ('conversations', 'messages')
@@ -279,7 +207,7 @@ def open_hf(source: str | Path, # a saved dataset folder, a parquet file or a fo
             ds = ds.cast_column(name, type(feat)(datasets.Image(decode=False)))
     return ds
 
-# %% ../nbs/02b_scale.ipynb #02b-scale-029
+# %% ../nbs/02b_scale.ipynb #02b-scale-027
 _MAGIC = ((b'\x89PNG', '.png'), (b'\xff\xd8', '.jpg'), (b'GIF8', '.gif'), (b'BM', '.bmp'), (b'II*\0', '.tif'), (b'MM\0*', '.tif'))
 
 def _image_suffix(data: bytes) -> str:
@@ -309,7 +237,7 @@ def _hf_parts(conv: Any) -> Any:
     return [dict(m, content=[{k: v for k, v in q.items() if v is not None} if isinstance(q, dict) else q for q in m['content']])
             if isinstance(m, dict) and isinstance(m.get('content'), list) else m for m in conv]
 
-# %% ../nbs/02b_scale.ipynb #02b-scale-031
+# %% ../nbs/02b_scale.ipynb #02b-scale-029
 def read_hf(source: str | Path, # a saved dataset folder, a parquet file or a folder of parquet files
             image_root: str | Path | None = None, # folder relative image paths are read from (default: the source's folder)
             stage_dir: str | Path | None = None, # where images stored as bytes are written for conversion
@@ -358,7 +286,7 @@ def read_hf(source: str | Path, # a saved dataset folder, a parquet file or a fo
             yield Sample(sid, where, paths[0] if len(paths) == 1 and not isinstance(cell, list) else paths or None, [], conv)
         except Reject as e: yield Sample(sid, where, None, error=str(e))
 
-# %% ../nbs/02b_scale.ipynb #02b-scale-032
+# %% ../nbs/02b_scale.ipynb #02b-scale-030
 def iter_samples(inputs: str | Path | list, # inputs as `convert` takes them, saved datasets and parquet files too
                  fmt: str = 'auto', # auto, raw, llava, coco or hf
                  migrate_old: bool = False, # migrate old list-shaped raw JSON on the fly
@@ -366,17 +294,13 @@ def iter_samples(inputs: str | Path | list, # inputs as `convert` takes them, sa
                  stage_dir: str | Path | None = None, # where an HF dataset's image bytes are written (hf)
                  **hf_options, # read_hf's column options: hf_split, image_column, conversation_column, text_column, prompt, id_column
                 ) -> Iterator[Sample]:
-    "Every input sample in the order one unsharded `convert` reads them; HF sources (`is_hf_source`) row by row."
+    "Every input sample in the order `convert` reads them, as a stream: HF sources (`is_hf_source`) row by row."
     inputs = [Path(p) for p in (inputs if isinstance(inputs, (list, tuple)) else [inputs])]
     for p in inputs:
         if not p.exists(): raise FileNotFoundError(f"input {p} does not exist")
-    for p in inputs:
-        if fmt == 'hf' or fmt == 'auto' and is_hf_source(p):
-            try: yield from read_hf(p, image_root, stage_dir, **hf_options)
-            except Reject as e: yield Sample(p.stem, str(p), None, error=str(e))   # the whole source is unusable: one rejected input
-        else: yield from _iter_samples([p], fmt, migrate_old, image_root)
+    yield from _iter_samples(inputs, fmt, migrate_old, image_root, stage_dir, hf_options)
 
-# %% ../nbs/02b_scale.ipynb #02b-scale-037
+# %% ../nbs/02b_scale.ipynb #02b-scale-036
 def convert_shard(inputs: str | Path | list, # every input of the split: each shard reads the same list
                   out_dir: str | Path = 'ds_output', # the output folder the shards are merged into later
                   shard: str | tuple[int, int] = '0/1', # 'I/N': this machine's shard
@@ -404,7 +328,7 @@ def convert_shard(inputs: str | Path | list, # every input of the split: each sh
     write_atomic(folder / f'{split}.shard.json', json.dumps(info).encode())
     return summary
 
-# %% ../nbs/02b_scale.ipynb #02b-scale-039
+# %% ../nbs/02b_scale.ipynb #02b-scale-038
 def _shard_folders(root: Path, split: str) -> dict[int, dict[int, Path]]:
     "Shard folders of `split` under `root`: N -> I -> folder."
     found: dict[int, dict[int, Path]] = {}
@@ -446,7 +370,7 @@ def check_shards(out_dir: str | Path, # the output folder holding shards/
         infos.append(info)
     return infos, _owners(infos, count)
 
-# %% ../nbs/02b_scale.ipynb #02b-scale-040
+# %% ../nbs/02b_scale.ipynb #02b-scale-039
 def _owners(infos: list[dict], count: int) -> np.ndarray:
     "The shard of every input position; `ShardError` when shards read other inputs, or an input is in none or two."
     first = infos[0]
@@ -469,7 +393,7 @@ def _owners(infos: list[dict], count: int) -> np.ndarray:
         raise ShardError(f"{none.size} input(s) in no shard (positions {none[:5].tolist()}): a shard is incomplete")
     return owner
 
-# %% ../nbs/02b_scale.ipynb #02b-scale-042
+# %% ../nbs/02b_scale.ipynb #02b-scale-041
 def _place_image(src: Path, dst: Path) -> None:
     "Put a shard's image at its merged path: a hard link (no copy) where the file system allows, else a copy; atomic."
     tmp = dst.with_name(f'.{dst.name}.tmp-{os.getpid()}')

@@ -5,8 +5,6 @@
 # %% ../nbs/05e_text_scores.ipynb #05e-text-scores-003
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 import re
@@ -16,14 +14,14 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from .evaluation import coco_eval
 from .families import family_record
 from .inference import _QWEN2_BOX, GroundingParseError, grounding_to_pixels, parse_grounding, prompt_inputs
 from .tokens import IM_END, mm_token_type_ids
 
 # %% auto #0
 __all__ = ['SCORE_RULES', 'answer_logprobs', 'answer_ids_until_end', 'token_offsets', 'tokens_in', 'box_char_spans',
-           'box_token_spans', 'box_scores', 'scored_boxes', 'scored_text_predictions', 'coco_matches', 'pr_points',
-           'reliability']
+           'box_token_spans', 'box_scores', 'scored_boxes', 'coco_matches', 'pr_points', 'reliability']
 
 # %% ../nbs/05e_text_scores.ipynb #05e-text-scores-006
 @torch.no_grad()
@@ -150,70 +148,34 @@ def box_scores(logprobs: torch.Tensor | np.ndarray, # (n,) log-probabilities of 
 def scored_boxes(detector, # a VLMDetector (its VLM and tokenizer)
                  batch: dict, # the prompt's model inputs (`prompt_inputs`)
                  generated: torch.Tensor, # (n,) ids the model generated after the prompt
-                 rules: Sequence[str] = tuple(SCORE_RULES), # score rules to compute
+                 rules: Sequence[str] = tuple(SCORE_RULES), # score rules to compute (none: parse only, no forward)
                 ) -> list[dict]:
     "The boxes of one generated answer (family space), each with its score by every rule in 'scores'; GroundingParseError if none are readable."
     ids = answer_ids_until_end(generated.cpu(), detector.tokenizer)
+    if not rules:
+        text = detector.tokenizer.decode(ids, skip_special_tokens=False)
+        return [{**o, 'scores': {}} for o in parse_grounding(text, detector.family)]
     text, offsets = token_offsets(detector.tokenizer, ids)
     spans = box_token_spans(box_char_spans(text, detector.family), offsets)
     lp = answer_logprobs(detector.vlm, batch, ids) if spans else torch.zeros(len(ids))
     by_rule = {r: box_scores(lp, spans, r) for r in rules}
     return [{'bbox': s['bbox'], 'label': s['label'], 'scores': {r: v[k] for r, v in by_rule.items()}} for k, s in enumerate(spans)]
 
-@torch.no_grad()
-def scored_text_predictions(detector, # a VLMDetector whose LM path writes grounding
-                            records: Sequence[dict], # converted records (stored images)
-                            ds_root, # the ds_output folder
-                            prompt: str, # the grounding question, as in training
-                            rule: str = 'object', # the rule whose scores go into 'scores'
-                            max_new_tokens: int = 96, # longest answer
-                           ) -> tuple[list[dict], int]:
-    "Text-path predictions with token-probability scores ('scores' by `rule`, 'rule_scores' by every rule), and how many answers did not parse."
-    from vlmlab.data import resolve_inside
-    from vlmlab.vision import load_image
-    detector.eval()
-    preds, unparsed = [], 0
-    for r in records:
-        batch = prompt_inputs(detector, load_image(resolve_inside(Path(ds_root), r['image'])), prompt, r['id'])
-        gen = detector.vlm.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)[0, batch['input_ids'].shape[1]:]
-        try: objs = scored_boxes(detector, batch, gen)
-        except GroundingParseError: objs, unparsed = [], unparsed + 1
-        size = tuple(r['size'])
-        preds.append({'boxes': grounding_to_pixels(objs, detector.family, size, size).tolist(), 'labels': [o['label'] for o in objs],
-                      'scores': [o['scores'][rule] for o in objs], 'rule_scores': {k: [o['scores'][k] for o in objs] for k in SCORE_RULES}})
-    return preds, unparsed
-
 # %% ../nbs/05e_text_scores.ipynb #05e-text-scores-026
-def _coco_eval(gts: list[dict], preds: list[dict]):
-    "pycocotools' COCOeval of class-agnostic boxes, evaluated and accumulated (maxDets 1, 10, 100)."
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-    xywh = lambda b: [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])]
-    images = [{'id': i + 1, 'width': int(g['size'][0]), 'height': int(g['size'][1])} for i, g in enumerate(gts)]
-    anns = [{'image_id': i + 1, 'category_id': 1, 'iscrowd': 0, 'bbox': xywh(b), 'area': xywh(b)[2] * xywh(b)[3]}
-            for i, g in enumerate(gts) for b in np.asarray(g['boxes']).reshape(-1, 4)]
-    dets = [{'image_id': i + 1, 'category_id': 1, 'score': float(s), 'bbox': xywh(b)}
-            for i, p in enumerate(preds) for b, s in zip(np.asarray(p['boxes']).reshape(-1, 4), p['scores'])]
-    for k, a in enumerate(anns): a['id'] = k + 1
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO(); gt.dataset = {'images': images, 'annotations': anns, 'categories': [{'id': 1, 'name': 'object'}]}; gt.createIndex()
-        ev = COCOeval(gt, gt.loadRes(dets), 'bbox'); ev.params.maxDets = [1, 10, 100]
-        ev.evaluate(); ev.accumulate()
-    return ev
-
 def coco_matches(gts: list[dict], # per image: boxes (n, 4) xyxy px, size (w, h)
                  preds: list[dict], # per image: boxes (m, 4) xyxy px, scores (m,)
                  iou: float = 0.5, # IoU threshold of a true positive
                 ) -> dict:
     "Each prediction's score and whether pycocotools matched it to a ground-truth box ('tp'), the ground-truth count, and COCO's precision at its 101 recall points."
-    ev = _coco_eval(gts, preds)
+    ev, n_gt = coco_eval(gts, preds), sum(len(np.asarray(g['boxes']).reshape(-1, 4)) for g in gts)
+    if ev is None: return {'scores': np.zeros(0), 'tp': np.zeros(0, dtype=bool), 'n_gt': n_gt, 'precision': np.zeros(101),
+                           'recall_points': np.linspace(0, 1, 101)}   # no predictions (or no ground truth): nothing to rank
     t = int(np.argmin(np.abs(ev.params.iouThrs - iou)))
     scores, tp = [], []
     for e in ev.evalImgs:   # area 'all' comes first, then 'small', 'medium', 'large'
         if e is None or e['aRng'] != ev.params.areaRng[0] or e['maxDet'] != ev.params.maxDets[-1]: continue
         keep = ~e['dtIgnore'][t]
         scores += list(np.asarray(e['dtScores'])[keep]); tp += list(e['dtMatches'][t][keep] > 0)
-    n_gt = sum(len(np.asarray(g['boxes']).reshape(-1, 4)) for g in gts)
     return {'scores': np.array(scores), 'tp': np.array(tp, dtype=bool), 'n_gt': n_gt, 'precision': ev.eval['precision'][t, :, 0, 0, -1],
             'recall_points': ev.params.recThrs}
 

@@ -96,7 +96,7 @@ def train_tokenizer(corpus: list[str] | None = None, # training text (default: `
         vocab, merges = _bpe(corpus or tiny_corpus(), vocab_size, QWEN3_5_PRETOKENIZE_REGEX)
         vocab = dict(vocab, **{f'<|kit_unused_{i}|>': i for i in range(len(vocab), fam.endoftext_id)})
         tok = Qwen3_5Tokenizer(vocab=vocab, merges=merges, unk_token=None, eos_token=ENDOFTEXT, pad_token=ENDOFTEXT,
-                               model_max_length=max(model_max_length, 262144))
+                               model_max_length=max(model_max_length, 262144))   # Qwen3.5's native context
         tok.add_special_tokens({'additional_special_tokens': list(QWEN3_5_BLOCK[1:])})
     tok.eos_token = IM_END  # as in the Qwen instruct checkpoints (pad stays <|endoftext|>)
     tok.chat_template = qwen_chat_template(family)
@@ -115,11 +115,11 @@ def _text_kw(tok, **kw):
               pad_token_id=tok.convert_tokens_to_ids(ENDOFTEXT)) | kw
     return kw
 
-def _hybrid_text_kw(tok, mrope: dict, **kw) -> dict:
+def _hybrid_text_kw(tok, family: str, mrope: dict, **kw) -> dict:
     "Qwen3.5 text config: linear, linear, linear, full attention (the released 3:1 pattern), vocabulary rounded up as released."
     return _text_kw(tok, num_hidden_layers=4, head_dim=8, layer_types=['linear_attention'] * 3 + ['full_attention'],
                     linear_conv_kernel_dim=4, linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2,
-                    linear_num_value_heads=4, vocab_size=FAMILIES['qwen3_5'].vocab_size, tie_word_embeddings=True,
+                    linear_num_value_heads=4, vocab_size=FAMILIES[family].vocab_size, tie_word_embeddings=True,
                     eos_token_id=tok.convert_tokens_to_ids(ENDOFTEXT),   # as released: the config ends at <|endoftext|>
                     rope_parameters=dict(mrope, mrope_interleaved=True, partial_rotary_factor=1.0), **kw)
 
@@ -153,9 +153,9 @@ def tiny_config(family: str, # one of VLM_FAMILIES or HYBRID_FAMILIES, or 'qwen2
                                                  decoder_sparse_step=1, mlp_only_layers=[0]), vision_config=qwen3_vision, **ids)
     hybrid_vision = {k: v for k, v in qwen3_vision.items() if k != 'deepstack_visual_indexes'}   # Qwen3.5 has no DeepStack
     if family == 'qwen3_5':
-        return Qwen3_5Config(text_config=_hybrid_text_kw(tokenizer, mrope), vision_config=hybrid_vision, tie_word_embeddings=True, **ids)
+        return Qwen3_5Config(text_config=_hybrid_text_kw(tokenizer, family, mrope), vision_config=hybrid_vision, tie_word_embeddings=True, **ids)
     if family == 'qwen3_5_moe':    # every layer sparse: 4 experts, 2 per token, the router and the gated shared expert
-        return Qwen3_5MoeConfig(text_config=_hybrid_text_kw(tokenizer, mrope, num_experts=4, num_experts_per_tok=2,
+        return Qwen3_5MoeConfig(text_config=_hybrid_text_kw(tokenizer, family, mrope, num_experts=4, num_experts_per_tok=2,
                                                             moe_intermediate_size=32, shared_expert_intermediate_size=32),
                                 vision_config=hybrid_vision, tie_word_embeddings=True, **ids)
     raise ValueError(f"unknown family {family!r}; the kit builds {KIT_FAMILIES}")

@@ -28,7 +28,6 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from fastcore.basics import patch
 
-from .attention import use_packed_attention
 from .chat import ChatError, ChatProcessor, ChatStats
 from .collators import PackedDataCollator, StandardDataCollator, packing_stats, plan_packs
 from .data import read_jsonl, validate, write_atomic
@@ -40,7 +39,7 @@ from .checkpoints import (COMPLETE_MARKER, TRAINER_WEIGHTS, CheckpointError, _lo
 from .config import LOSS_TERMS, ConfigError, VLMLabConfig
 from .model import add_lora, apply_stage, assert_trainable_set, group_parameters, optimizer_groups, stage_groups
 from .families import MODULE_GROUPS, family_record
-from .hybrid import make_packing_safe
+from .hybrid import prepare_for_packing
 from .vision import ResizeSpec
 
 # %% auto #0
@@ -106,6 +105,8 @@ class TrainingCollator:
                                        flash_attn_kwargs=True, seq_idx=self.seq_idx)(samples)   # the boundaries, for vlmlab's packed attention and flash attention
         else: batch = StandardDataCollator(pad)(samples)
         if self.detection: batch['detection_targets'] = detection_targets(samples, self.tokenizer)
+        if all(s.counts is not None for s in samples):   # the samples' runbook counters travel with the batch (worker-safe)
+            batch['chat_counts'] = torch.tensor([sum(getattr(s.counts, k) for s in samples) for k in ChatStats.__dataclass_fields__])
         return batch
 
 # %% ../nbs/07_trainer.ipynb #07-trainer-007
@@ -117,8 +118,10 @@ def prepare_data(cfg: VLMLabConfig, # the run's config
     d, root = cfg.data, Path(cfg.data.ds_output)
     try: spec = ResizeSpec.from_image_processor(model.image_processor, model.family)
     except ValueError as e: raise DataError(f"{cfg.model.name_or_path}: its image processor: {e}") from None
-    report = validate(root, spec, check_images=True, progress=progress)   # with each split's manifest (counts, hashes)
+    report = validate(root, spec, check_images=True, progress=progress,   # with each split's manifest (counts, hashes) and leakage
+                      allow_near_duplicates=d.allow_near_duplicates)
     if not report.ok: raise DataError(f"{root} does not pass validation for this model:\n{report}")
+    for w in report.warnings: warnings.warn(f"{root}: {w}", stacklevel=2)   # allowed near-duplicates, said aloud
     def records(split):
         f = root / f'{split}.jsonl'
         if not f.exists(): raise DataError(f"{f}: no such split (have: {sorted(p.stem for p in root.glob('*.jsonl'))})")
@@ -241,7 +244,7 @@ class _EpochCallback(TrainerCallback):
     "Reset the per-epoch data counters at every epoch start."
     def __init__(self, trainer): self.trainer = trainer
     def on_epoch_begin(self, args, state, control, **kwargs):
-        if self.trainer.processor is not None: self.trainer.processor.stats = ChatStats()
+        self.trainer._chat_counts = None
 
 class _StepRatioCallback(TrainerCallback):
     "After a logging step's optimizer step, the applied update |W_after - W_before| / |W_before| per group."
@@ -306,7 +309,7 @@ class BBUTrainer(Trainer):
         self.model_accepts_loss_kwargs, self._loss_shifts_labels = True, True   # the LM loss is divided by num_items_in_batch
         self.stage, self.processor = stage, processor
         self.lrs = lrs or {g: args.learning_rate for g in MODULE_GROUPS}
-        self._acc, self._acc_keys, self._tokens, self._tokens_total = None, [], 0.0, 0.0
+        self._acc, self._acc_keys, self._tokens, self._tokens_total, self._chat_counts = None, [], 0.0, 0.0, None
         self._steps_in_window, self._window_start, self._norm_logs = 0, None, {}
         self._window_boxes, self._trainable_checked, self._pre_step_done, self.last_good_step, self._trainable = None, False, -1, 0, {}
         self._snapshot, self._stop_signal, self._stopped_at, self._verified_checkpoint = None, None, None, None
@@ -370,6 +373,8 @@ def compute_loss(self: BBUTrainer, model, inputs, return_outputs=False, num_item
         self._acc_keys = list(terms)
         real = inputs['attention_mask'].sum() if inputs.get('attention_mask') is not None else inputs['cu_seqlens'][len(inputs['sample_ids'])]
         self._tokens = self._tokens + real.detach().float()   # stays on the device: no sync
+        if (c := inputs.get('chat_counts')) is not None:   # this epoch's runbook counters, summed from the samples themselves
+            self._chat_counts = c.detach() if self._chat_counts is None else self._chat_counts + c.detach()
     loss = out['loss']
     if self.args.average_tokens_across_devices and num_items_in_batch is not None and self.accelerator.num_processes > 1:
         loss = loss * self.accelerator.num_processes   # DDP averages gradients; the divisor already counts every process
@@ -476,12 +481,10 @@ def log(self: BBUTrainer, logs: dict, start_time: float | None = None) -> None:
         logs['tokens_per_second'] = float(toks) / max(now - self._window_start, 1e-9)
         self._tokens_total += float(toks); logs['tokens_seen'] = self._tokens_total
         logs.update(self._norm_logs)
-        if self.processor is not None:
-            st = self.processor.stats
-            if self.accelerator.num_processes > 1:
-                t = self.accelerator.reduce(torch.tensor([float(getattr(st, k)) for k in st.__dataclass_fields__], device=self.args.device), 'sum')
-                st = ChatStats(*(int(x) for x in t.tolist()))
-            logs.update({f'data/{k}': v for k, v in st.summary().items()})
+        if self._chat_counts is not None:
+            t = self._chat_counts.to(self.args.device, torch.float64)
+            if self.accelerator.num_processes > 1: t = self.accelerator.reduce(t, 'sum')
+            logs.update({f'data/{k}': v for k, v in ChatStats(*(int(x) for x in t.tolist())).summary().items()})
         self._acc, self._tokens, self._steps_in_window, self._norm_logs, self._window_start = None, 0.0, 0, {}, now
         if self._balance is None and (b := self.loss_balance(logs)) is not None:   # the first log with the detection terms
             self._balance = b
@@ -609,7 +612,7 @@ def training_arguments(cfg: VLMLabConfig, # the run's config
               learning_rate=max(cfg.stage.lrs.values()), weight_decay=t.weight_decay, warmup_steps=t.warmup_ratio,
               max_grad_norm=t.max_grad_norm, logging_steps=t.logging_steps, logging_first_step=True, save_strategy='steps',
               save_steps=t.save_steps, seed=t.seed, data_seed=t.seed, report_to='none', remove_unused_columns=False,
-              dataloader_num_workers=0, dataloader_pin_memory=torch.cuda.is_available(), prediction_loss_only=True,
+              dataloader_num_workers=t.dataloader_num_workers, dataloader_pin_memory=torch.cuda.is_available(), prediction_loss_only=True,
               ddp_find_unused_parameters=False, use_cpu=not torch.cuda.is_available())   # use_cpu: torchrun on CPUs runs DDP over gloo
     kw.update(overrides)
     return TrainingArguments(**kw)
@@ -639,8 +642,7 @@ def build_trainer(cfg: VLMLabConfig, # the run's config
     model = load_model(cfg.model, cfg.training.detection, cfg.training.lm_weight)
     hybrid = family_record(model.family).packing == 'linear_attention'
     if cfg.data.packing:   # packed rows: attention per sample (flash attention where installed), never through a T x T mask
-        use_packed_attention(model.vlm, cfg.model.attn_implementation)
-        if hybrid: make_packing_safe(model.vlm)   # linear attention: conv and recurrence restarted at every sample
+        prepare_for_packing(model.vlm, cfg.model.attn_implementation)   # hybrid families: linear attention restarted per sample
     if cfg.stage.lora: add_lora(model, cfg.stage.lora_r)
     stage = cfg.stage.trainable or cfg.stage.name
     apply_stage(model, stage)
