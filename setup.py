@@ -20,6 +20,7 @@ lic = licenses[cfg['license'].lower()]
 min_python = cfg['min_python']
 requirements = shlex.split(cfg.get('requirements', ''))
 dev_requirements = shlex.split(cfg.get('dev_requirements', ''))
+hf_requirements = shlex.split(cfg.get('hf_requirements', ''))   # Hugging Face datasets as a conversion source
 readme = Path('README.md')
 
 setuptools.setup(
@@ -41,7 +42,7 @@ setuptools.setup(
     include_package_data=True,
     package_data={cfg['lib_path']: ['*.json', '*.jinja']},
     install_requires=requirements,
-    extras_require={'dev': dev_requirements},
+    extras_require={'dev': dev_requirements, 'hf': hf_requirements},
     python_requires='>=' + min_python,
     long_description=readme.read_text(encoding='utf-8') if readme.exists() else cfg['description'],
     long_description_content_type='text/markdown',

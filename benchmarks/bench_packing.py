@@ -108,9 +108,12 @@ def run(quick: bool = False, n: int | None = None, max_tokens: int = 4096, colla
     flat = DataCollatorWithFlattening(return_position_ids=True)
     feats = [{'input_ids': s.input_ids.tolist(), 'labels': s.labels.tolist()} for s in samples]
     packed, standard = PackedDataCollator(0, cap), StandardDataCollator(0)
-    fns = {'vlmlab PackedDataCollator': lambda p: packed([samples[i] for i in p]),
-           'vlmlab StandardDataCollator': lambda p: standard([samples[i] for i in p]),
-           'vlmlab Packed, 1-dim pixels (tokens only)': lambda p: packed([tokens_only[i] for i in p]),
+    def fresh(group):   # a sample is collated once per epoch: drop what an earlier repeat computed on it
+        for s in group: s.__dict__.pop('_mrope', None)
+        return group
+    fns = {'vlmlab PackedDataCollator': lambda p: packed(fresh([samples[i] for i in p])),
+           'vlmlab StandardDataCollator': lambda p: standard(fresh([samples[i] for i in p])),
+           'vlmlab Packed, 1-dim pixels (tokens only)': lambda p: packed(fresh([tokens_only[i] for i in p])),
            FLAT: lambda p: flat([feats[i] for i in p])}
     secs = alternate({k: timed(lambda fn=fn: [fn(p) for p in sub]) for k, fn in fns.items()}, repeats)
     sps = {k: [collate_samples / t for t in v] for k, v in secs.items()}

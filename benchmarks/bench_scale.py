@@ -3,8 +3,8 @@
 Synthetic text-only LLaVA records (one question, one answer; no images, so 100,000 of them convert in about a minute)
 are converted three ways, each in a fresh child process whose peak RSS (`ru_maxrss`) is read at its end:
 
-- `convert before`: `convert` of git revision `--before` (default HEAD: its vlmlab/data.py loaded beside today's
-  modules), which read every sample, and the whole LLaVA list, before converting the first;
+- `convert before`: `convert` of git revision `--before` (default 702c04b, the last one whose `convert` read every
+  sample, and the whole LLaVA list, before converting the first; its vlmlab/data.py loaded beside today's modules);
 - `convert`: today's `vlmlab.data.convert` on the same LLaVA JSON file (a chunk of samples at a time, the list parsed
   one item at a time);
 - `convert parquet`: the same samples as a parquet file, through the Hugging Face source (rows streamed).
@@ -31,6 +31,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve()
 CONVERTERS = ('convert before', 'convert', 'convert parquet')
+BEFORE = '702c04b'   # the last revision that read every sample (and validated from a list of every record) first
 HELD = ('validate before', 'validate', 'list of dicts', 'LazyRecords')
 
 
@@ -76,14 +77,14 @@ def _data_at(rev: str):
     return mod
 
 
-def measure(kind: str, src: Path | str, out: Path | str, before: str = 'HEAD') -> dict:
+def measure(kind: str, src: Path | str, out: Path | str, before: str = BEFORE) -> dict:
     "`child` in a fresh Python process."
     r = subprocess.run([sys.executable, str(HERE), '--child', kind, str(src), str(out), before], capture_output=True, text=True)
     if r.returncode: raise RuntimeError(f"{kind} on {src} failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def run(quick: bool = False, sizes: tuple[int, int] | None = None, before: str = 'HEAD') -> dict:
+def run(quick: bool = False, sizes: tuple[int, int] | None = None, before: str = BEFORE) -> dict:
     "Peak memory and records/s of conversion at two sizes, and of the records held for training."
     small, large = sizes or ((2_000, 10_000) if quick else (10_000, 100_000))
     work = Path(tempfile.mkdtemp(prefix='vlmlab-bench-scale-'))
@@ -139,6 +140,6 @@ if __name__ == '__main__':
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('--quick', action='store_true', help='2,000 and 10,000 records (a smoke test)')
     ap.add_argument('--sizes', type=int, nargs=2, default=None, help='the two record counts')
-    ap.add_argument('--before', default='HEAD', help='the git revision whose convert and validate are measured as "before"')
+    ap.add_argument('--before', default=BEFORE, help='the git revision whose convert and validate are measured as "before"')
     a = ap.parse_args()
     print(json.dumps(run(a.quick, tuple(a.sizes) if a.sizes else None, a.before)['ratios'], indent=1))

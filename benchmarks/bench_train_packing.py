@@ -53,6 +53,7 @@ def model_source(name: str):
             cfg = AutoConfig.from_pretrained(tiny_kit(FAMILY))
             t = cfg.text_config
             t.hidden_size, t.intermediate_size, t.num_hidden_layers, t.num_attention_heads, t.num_key_value_heads = 512, 1376, 4, 8, 4
+            t.layer_types = ['full_attention'] * 4
             t.rope_parameters = dict(t.rope_parameters, mrope_section=[8, 12, 12])   # head_dim 64: 32 rotary pairs
             cfg.vision_config.out_hidden_size = 512
             return AutoModelForImageTextToText.from_config(cfg)
@@ -131,7 +132,7 @@ def measure(name: str, n: int, batch: int, epochs: int, repeats: int, size_max: 
                  'non_pad_fraction': sum(b['real'] for b in v) / sum(b['slots'] for b in v)} for k, v in counts.items()}
     print(f"{name}: {n} samples of {min(lengths)}-{max(lengths)} tokens (mean {sum(lengths) / n:.0f}), {epochs} epochs; padded batches "
           f"of {batch}, packed rows of <= {cap} tokens; median of {repeats} alternating repeats")
-    peak = {k: peak_rss_child(name, k, n, batch, epochs, size_max) for k in ('padded', 'packed')} if memory else {}
+    peak = {k: peak_rss_child(name, k, n, batch, epochs, size_max, work) for k in ('padded', 'packed')} if memory else {}
     for k in kinds:
         print(f"  {k:12} {med[k]:9.0f} real tokens/s  non-pad {shape[k]['non_pad_fraction']:6.1%}"
               + (f"  peak RSS {peak[k]:7.0f} MiB" if k in peak else ''))
@@ -140,22 +141,20 @@ def measure(name: str, n: int, batch: int, epochs: int, repeats: int, size_max: 
                        'sample_tokens': {'min': min(lengths), 'mean': sum(lengths) / n, 'max': max(lengths)}}}
 
 
-def peak_rss_child(name: str, kind: str, n: int, batch: int, epochs: int, size_max: int) -> float:
-    "Peak resident memory (MiB) of a fresh process that trains `name` once in `kind` mode (order-free, unlike in-process RSS)."
+def peak_rss_child(name: str, kind: str, n: int, batch: int, epochs: int, size_max: int, work: Path) -> float:
+    "Peak resident memory (MiB) of a fresh process that trains `name` once in `kind` mode on the data already converted in `work`."
     import subprocess, sys
-    r = subprocess.run([sys.executable, __file__, '--memory-child', name, kind, str(n), str(batch), str(epochs), str(size_max)],
+    r = subprocess.run([sys.executable, __file__, '--memory-child', name, kind, str(n), str(batch), str(epochs), str(size_max), str(work)],
                        capture_output=True, text=True, timeout=1800, cwd=Path(__file__).parent)
     if r.returncode: raise RuntimeError(f"memory run {name} {kind} failed: {r.stderr[-1500:]}")
     return float(r.stdout.strip().splitlines()[-1])
 
 
-def _memory_child(name: str, kind: str, n: int, batch: int, epochs: int, size_max: int) -> None:
-    "Train once and print this process's peak resident memory in MiB."
+def _memory_child(name: str, kind: str, n: int, batch: int, epochs: int, size_max: int, work: str) -> None:
+    "Train once on the parent's converted data (so conversion's memory is not counted) and print this process's peak RSS in MiB."
     import resource
     hf_logging.set_verbosity_error(); hf_logging.disable_progress_bar()
-    work = Path(tempfile.mkdtemp(prefix='vlmlab-bench-mem-'))
-    try: measure(name, n, batch, epochs, 1, size_max, work, kinds=[kind], memory=False)
-    finally: shutil.rmtree(work, ignore_errors=True)
+    measure(name, n, batch, epochs, 1, size_max, Path(work), kinds=[kind], memory=False)
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
@@ -169,11 +168,10 @@ def run(quick: bool = False, n: int | None = None, batch: int | None = None, epo
     size_max = 280 if quick else 336
     hf_logging.set_verbosity_error(); hf_logging.disable_progress_bar()
     work = Path(tempfile.mkdtemp(prefix='vlmlab-bench-'))
-    ratios, ranges, meaning, per_model, notes = {}, {}, {}, {}, []
+    ratios, ranges, meaning, per_model = {}, {}, {}, {}
     try:
         for name in (models if not quick else [m for m in models if m != 'mid_512x4']):
-            try: res = measure(name, n, batch, epochs, repeats, size_max, work)
-            except LookupError as e: notes.append(f"train_packing: {name} not measured: {e}"); continue
+            res = measure(name, n, batch, epochs, repeats, size_max, work)
             per_model[name] = res
             key = f'packed / padded training tokens/s ({name})'
             ratios[key], ranges[key] = paired_ratio(res['per_repeat'], 'packed', 'padded'), ratio_range(res['per_repeat'], 'packed', 'padded')
@@ -193,7 +191,7 @@ def run(quick: bool = False, n: int | None = None, batch: int | None = None, epo
     for k, v in ratios.items(): print(f"{k}: {v:.3f}")
     return {'ratios': ratios, 'ratio_range': {k: v for k, v in ranges.items() if v}, 'ratio_meaning': meaning,
             'medians': {f"{m} {k} (real tokens/s)": v for m, r in per_model.items() for k, v in r['medians'].items()},
-            'per_model': per_model, 'repeats': repeats, 'note': ' '.join(notes) or None,
+            'per_model': per_model, 'repeats': repeats, 'note': None,
             'params': {'attention': 'padded: sdpa; packed: vlmlab_packed (sdpa per sample)', 'models': list(per_model)}}
 
 
@@ -206,9 +204,9 @@ if __name__ == '__main__':
     ap.add_argument('--repeats', type=int, default=None, help='alternating repeats (the median is kept)')
     ap.add_argument('--threads', type=int, default=1, help='torch threads (0: torch default)')
     ap.add_argument('--models', nargs='+', default=list(MODELS), help=f'models to measure ({", ".join(MODELS)})')
-    ap.add_argument('--memory-child', nargs=6, help=argparse.SUPPRESS)
+    ap.add_argument('--memory-child', nargs=7, help=argparse.SUPPRESS)
     a = ap.parse_args()
     set_threads(a.threads)
     if a.memory_child:
-        m = a.memory_child; _memory_child(m[0], m[1], *map(int, m[2:])); raise SystemExit(0)
+        m = a.memory_child; _memory_child(m[0], m[1], *map(int, m[2:6]), m[6]); raise SystemExit(0)
     print(json.dumps(run(a.quick, a.n, a.batch, a.epochs, a.repeats, tuple(a.models))['ratios'], indent=1))

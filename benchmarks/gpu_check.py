@@ -223,7 +223,7 @@ def sync_point_cell(out_dir: Path, dry_run: bool) -> dict:
     "Execute nbs/07_trainer.ipynb with its `gpu` cells (slow cells skipped) and keep the executed notebook."
     if dry_run: return {'ran': False, 'why': 'no GPU: the `gpu` cells of 07_trainer (bug index row 52) need CUDA'}
     dest = out_dir / '07_trainer.executed.ipynb'
-    r = subprocess.run([sys.executable, str(REPO / 'tools' / 'execnb.py'), str(REPO / 'nbs' / '07_trainer.ipynb'), 'slow', str(dest)],
+    r = subprocess.run([sys.executable, str(REPO / 'tools' / 'run_notebook.py'), str(REPO / 'nbs' / '07_trainer.ipynb'), 'slow', str(dest)],
                        capture_output=True, text=True, timeout=300)
     return {'ran': r.returncode == 0, 'notebook': str(dest), 'tail': (r.stdout + r.stderr)[-2000:]}
 

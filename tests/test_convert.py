@@ -121,10 +121,13 @@ def test_llava_and_coco_inputs(tmp_path):
     llava = [{'id': 'l1', 'image': 'a.png', 'conversations': [{'from': 'human', 'value': '<image>\nWhat is this?'},
                                                               {'from': 'gpt', 'value': 'A red square.'}]},
              {'id': 'l2', 'image': 'b.png', 'conversations': [{'from': 'human', 'value': 'no image here'},
-                                                              {'from': 'gpt', 'value': 'x'}]}]
+                                                              {'from': 'gpt', 'value': 'x'}]},
+             {'id': 'l3', 'image': 'b.png', 'conversations': [{'from': 'human', 'value': 'Show me.'},   # the template never renders this
+                                                              {'from': 'gpt', 'value': '<image>\nHere.'}]}]
     (tmp_path / 'llava.json').write_text(json.dumps(llava))
     s = convert(tmp_path / 'llava.json', tmp_path / 'out1', SPEC, progress=False)
-    assert (s.written, s.rejected) == (1, 1) and '0 <image> placeholders' in rejects(tmp_path / 'out1')['l2']
+    assert (s.written, s.rejected) == (1, 2) and '0 <image> placeholders' in rejects(tmp_path / 'out1')['l2']
+    assert "an <image> placeholder in a 'gpt' turn" in rejects(tmp_path / 'out1')['l3']
     rec = json.loads((tmp_path / 'out1' / 'train.jsonl').read_text())
     assert rec['conversations'][0] == {'role': 'user', 'content': [{'type': 'image'}, {'type': 'text', 'text': 'What is this?'}]}
     coco = {'images': [{'id': 1, 'file_name': 'a.png', 'width': 300, 'height': 200},

@@ -9,7 +9,8 @@ import pytest
 import torch
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
-from vlmlab.families import family_names, family_record
+from vlmlab.collators import model_inputs
+from vlmlab.families import family_names
 from vlmlab.moe import (ExpertUsage, expert_usage_verdict, real_token_mask, router_aux_coef, router_aux_loss, router_balance_loss,
                         router_logits_kwargs, router_modules)
 from vlmlab.tiny import KIT_FAMILIES, tiny_kit
@@ -195,6 +196,6 @@ def test_detector_loss_carries_the_balancing_term(models):
     assert coef == router_aux_coef(vlm) > 0   # on by default, with the checkpoint's coefficient
     with torch.no_grad():
         res = det(pad)
-        out = vlm(**{k: v for k, v in pad.items() if k not in ('labels', 'label_kind', 'sample_ids')}, **router_logits_kwargs(vlm, coef))
+        out = vlm(**{k: v for k, v in model_inputs(pad).items() if k != 'labels'}, **router_logits_kwargs(vlm, coef))
     assert torch.allclose(res['router_aux_loss'], router_aux_loss(vlm, out, pad), atol=1e-6)
     assert torch.allclose(res['loss'], res['lm_loss'] + coef * res['router_aux_loss'], atol=1e-6)

@@ -186,7 +186,7 @@ def test_text_predictions_score_the_boxes_they_read(tmp_path):
     (flat,), u2 = text_predictions(model, [rec], tmp_path, DEFAULT_GROUNDING_PROMPT, scores='constant')
     assert u1 == u2 == 0 and scored['boxes'] == flat['boxes'] and len(scored['boxes']) == 2
     assert flat['scores'] == [1.0, 1.0] and all(0 < s < 1 for s in scored['scores'])
-    assert scored['scores'] == scored['rule_scores']['object'] and set(scored['rule_scores']) == set(SCORE_RULES)
+    assert scored['scores'] == scored['rule_scores']['coords'] and set(scored['rule_scores']) == set(SCORE_RULES)
     (first,), _ = text_predictions(model, [rec], tmp_path, DEFAULT_GROUNDING_PROMPT, scores='first_digits')
     assert first['scores'] == scored['rule_scores']['first_digits']
     with pytest.raises(ValueError, match="or 'constant'"):

@@ -19,6 +19,7 @@ from typing import Sequence
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from fastcore.basics import patch
 
 from .tokens import (ENDOFTEXT, IMAGE_PAD, IM_END, IM_START, OBJECT_REF_START, OBJECT_REF_END, BOX_START, BOX_END,
                            VISION_START, VISION_END, VIDEO_PAD, VISION_PAD, PlaceholderError, assert_no_placeholders, chatml_segments,
@@ -119,6 +120,7 @@ def _answer_boxes(rec: dict) -> list[tuple[int, AnswerBox]]:
 def _shape(n: int) -> str: return 'text-only' if n == 0 else f"a {n}-image record"
 def _which(k: int, n: int) -> str: return f" image {k + 1} of {n}" if n > 1 else ''
 
+# %% ../nbs/03_chat.ipynb #03-chat-011f
 @dataclass
 class ChatStats:
     "Per-epoch counters of the stage-1 runbook: truncation, samples without labels, label tokens."
@@ -148,6 +150,7 @@ class ChatStats:
             out.append(f"{s['zero_label_pct']:.1f}% of samples have no label tokens: they teach nothing; check targets and truncation")
         return out
 
+# %% ../nbs/03_chat.ipynb #03-chat-011i
 class ChatProcessor:
     "Turn converted records into model inputs with exact labels, answer spans and pre-forward guards."
     def __init__(self,
@@ -170,7 +173,8 @@ class ChatProcessor:
         self.tokenizer, self.image_processor, self.family = tokenizer, image_processor, family
         self.ds_root, self.max_length, self.target = Path(ds_root), max_length, target
         self.prompt = prompt or (DEFAULT_CAPTION_PROMPT if target == 'caption' else DEFAULT_GROUNDING_PROMPT)
-        self.teacher_ratio, self.n_teachers, self.teacher_pool, self.seed = teacher_ratio, n_teachers, list(teacher_pool or []), seed
+        self.teacher_ratio, self.n_teachers, self.teacher_pool, self.seed = (teacher_ratio, n_teachers,
+            teacher_pool if isinstance(teacher_pool, Sequence) else list(teacher_pool or []), seed)   # a lazy pool stays lazy
         self.check_placeholders = check_placeholders
         self.spec = ResizeSpec.from_image_processor(image_processor, family)
         self.merge_size = image_processor.merge_size
@@ -178,151 +182,205 @@ class ChatProcessor:
         self.image_token_id, self.video_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD), tokenizer.convert_tokens_to_ids(VIDEO_PAD)
         self.stats = ChatStats()
 
-    def example_messages(self, record: dict) -> list[dict]:
-        "The messages of one example (question and answer) for a record."
-        if self.target == 'conversation':
-            if not record.get('conversations'):
-                raise ChatError(f"sample {record['id']!r}: target 'conversation' but the record has no conversations")
-            return record['conversations']
-        self._check_target(record)
-        answer = grounding_text(record['objects'], tuple(record['size']), self.family) if self.target == 'grounding' \
-                 else caption_text(record['objects'])
-        return [{'role': 'user', 'content': [{'type': 'image'}, {'type': 'text', 'text': self.prompt}]},
-                {'role': 'assistant', 'content': answer}]
-
-    def _check_target(self, record: dict) -> None:
-        "Refuse a record that grounding and caption targets cannot answer: not exactly one image, or objects that do not fit."
-        if (n := len(self._images(record))) != 1:
-            raise ChatError(f"sample {record['id']!r}: target {self.target!r} needs a one-image record (its objects are boxes in that "
-                            f"image), this one is {_shape(n)}; train such records with target 'conversation', or leave them out")
-        self._check_objects(record)
-
-    def _check_objects(self, record: dict) -> None:
-        "Refuse a one-image record whose objects cannot be this target's answer: none stored, or empty while its answers hold boxes."
-        if 'objects' not in record:
-            raise ChatError(f"sample {record['id']!r}: target {self.target!r} answers with the record's 'objects', and it has none "
-                            "(not a `vlmlab convert` record?): convert it again, or train it with target 'conversation'")
-        if record['objects'] or not (found := _answer_boxes(record)): return
-        k, b = found[0]
-        empty = grounding_text([], tuple(record['size']), self.family) if self.target == 'grounding' else caption_text([])
-        note = next((n for n in record.get('notes') or [] if isinstance(n, str) and n.startswith('answer boxes without a label')), None)
-        raise ChatError(f"sample {record['id']!r}: target {self.target!r} would train the answer {empty!r}, but its objects are empty "
-                        f"while its answers hold {len(found)} box(es) (turn {k}: {b.describe()})"
-                        + (f"; conversion noted: {note}" if note else '')
-                        + ": label every box in the answers (a \"label\" beside each bbox_2d) and convert again, "
-                          "or train it with target 'conversation'")
-
-    def usable(self, record: dict) -> bool:
-        "Whether this target can make an example of `record` (grounding and caption: one image, objects for the boxes its answers hold)."
-        if self.target == 'conversation': return True
-        try: self._check_target(record); return True
-        except ChatError: return False
-
-    def teachers_for(self, record: dict, epoch: int = 0) -> list[dict]:
-        "The teacher records that precede `record` this epoch (reproducible from seed, epoch and id)."
-        if not self.teacher_ratio: return []
-        rng = random.Random(hashlib.sha256(f"{self.seed}:{epoch}:{record['id']}".encode()).hexdigest())
-        if rng.random() >= self.teacher_ratio: return []
-        pool = [r for r in self._teacher_candidates if r['id'] != record['id']]
-        return rng.sample(pool, min(self.n_teachers, len(pool)))
-
     @functools.cached_property
-    def _teacher_candidates(self) -> list[dict]:
-        "The usable records of the teacher pool, in order; read once (its answers are searched for boxes), not once per sample."
-        return [r for r in self.teacher_pool if self.usable(r)]
-
-    def _images(self, rec: dict) -> list[dict]:
-        "The record's image entries, in placeholder order (`record_images`), its errors naming the sample."
-        try: return record_images(rec)
-        except ValueError as e: raise ChatError(f"sample {rec.get('id')!r}: {e}") from None
-
-    def _load(self, rec: dict) -> list[Image.Image]:
-        "The record's stored images, after checking they were made with this processor's resize spec."
-        entries = self._images(rec)
-        if not entries: return []
-        self.spec.check(rec['resize'], rec['id'])
-        out = []
-        for k, e in enumerate(entries):
-            try: out.append(load_image(resolve_inside(self.ds_root, e.get('image'))))
-            except ValueError as err: raise ChatError(f"sample {rec['id']!r}{_which(k, len(entries))}: {err}") from None
-        return out
+    def _teacher_candidates(self) -> list[tuple[int, str]]:
+        "(position, id) of the usable records of the teacher pool, in order: held as positions, so a lazy pool stays lazy."
+        return [(i, r['id']) for i, r in enumerate(self.teacher_pool) if self.usable(r)]
 
     def __call__(self, record: dict, # a record of ds_output/{split}.jsonl
                  epoch: int = 0, # epoch (changes the teacher draw)
                 ) -> ProcessedSample:
         "Process one record; raises `ChatError` (or a resize / image-token error) naming the sample."
         sid = record['id']
-        examples = [(t, 'teacher') for t in self.teachers_for(record, epoch)] + [(record, 'student')]
-        messages, owners, msg_ids, images, entries = [], [], [], [], []   # entries: (record, k, n, image entry) per image, in order
-        for rec, owner in examples:
-            msgs = self.example_messages(rec)
-            if (markup := _markup_in_text(rec)):
-                raise ChatError(f"sample {rec['id']!r}: the special token {markup} is plain text in the data; the tokenizer would "
-                                "read it as chat markup (an early <|im_end|>, a stray image token): remove it from the labels / texts")
-            ents = self._images(rec)
-            check_vision_parts(rec, msgs, ents, self.family)
-            messages += msgs; owners += [owner] * len(msgs); msg_ids += [rec['id']] * len(msgs); images += self._load(rec)
-            entries += [(rec, k, len(ents), e) for k, e in enumerate(ents)]
-        pixel_values = grids = None
-        if images:   # a text-only sample has no pixels at all (no dummy image: nothing for labels or positions to account for)
-            px = self.image_processor(images=images, return_tensors='pt')
-            pixel_values, grids = px['pixel_values'], px['image_grid_thw']
-            for (rec, k, n, e), g in zip(entries, grids.tolist()):
-                if [g[2] * self.spec.patch_size, g[1] * self.spec.patch_size] != list(e['size']):
-                    raise ChatError(f"sample {rec['id']!r}{_which(k, n)}: the processor resized the stored {e['size'][0]}x{e['size'][1]} "
-                                    f"image again (grid {g}): the boxes no longer match the pixels")
-        # the text, with each image expanded, and the character range of every segment
-        text, ranges = '', []
-        for seg in chatml_segments(messages, self.family):
-            if self.check_placeholders and seg.kind == 'text' and seg.message >= 0: _refuse_placeholders(seg, sid, msg_ids[seg.message])
-            piece = seg.text
-            if seg.kind == 'image':
-                piece = VISION_START + IMAGE_PAD * image_token_count(grids[seg.index].tolist(), self.merge_size) + VISION_END
-            role = 'image' if seg.kind == 'image' else (owners[seg.message] if seg.target else 'prompt')
-            ranges.append((len(text), len(text) + len(piece), role)); text += piece
-        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids, offsets = enc['input_ids'], enc['offset_mapping']
-        starts = [r[0] for r in ranges]
-        roles = [ranges[max(0, np.searchsorted(starts, a, side='right') - 1)][2] for a, _ in offsets]
-        last_roles = [ranges[max(0, np.searchsorted(starts, max(a, b - 1), side='right') - 1)][2] for a, b in offsets]
-        if (k := next((k for k, (r, q) in enumerate(zip(roles, last_roles)) if (r in LABEL_KIND) != (q in LABEL_KIND)), None)) is not None:
-            a, b = offsets[k]
-            raise ChatError(f"sample {sid!r}: token {k} ({text[a:b]!r}) lies across the edge of an answer: the tokenizer merges the "
-                            "answer's first or last characters with the markup beside it, so no label can be exactly the answer "
-                            "(an answer that starts with a newline, under a template that does not trim): strip the answer")
-        pieces = [text[a:b] for a, b in offsets]
-        truncated = 0
-        if len(ids) > self.max_length:
-            last_vision = max((k for k, i in enumerate(ids) if i in self.vision_ids), default=-1)
-            if last_vision >= self.max_length:
-                self.stats.samples += 1; self.stats.truncated += 1
-                raise ChatError(f"sample {sid!r}: {len(ids)} tokens > max_length {self.max_length}, and the cut would go through "
-                                f"an image (its vision tokens end at position {last_vision}). Images are never truncated: "
-                                "raise max_length, lower max_pixels, or use fewer teacher demonstrations")
-            truncated = len(ids) - self.max_length
-            ids, roles, pieces = ids[:self.max_length], roles[:self.max_length], pieces[:self.max_length]
-        input_ids = torch.tensor(ids, dtype=torch.long)
-        kind = torch.tensor([LABEL_KIND.get(r, 0) for r in roles], dtype=torch.int32)
-        labels = torch.where(kind > 0, input_ids, torch.full_like(input_ids, -100))
-        if not (labels != -100).any():
-            self.stats.samples += 1; self.stats.truncated += bool(truncated); self.stats.tokens += len(ids); self.stats.zero_label += 1
-            raise ChatError(f"sample {sid!r}: no label tokens{' after truncating ' + str(truncated) + ' tokens' if truncated else ''}; "
-                            "a sample without targets teaches nothing and would give a NaN loss alone in a batch")
-        if any(int(i) in self.vision_ids for i in labels[labels != -100]):
-            raise ChatError(f"sample {sid!r}: labels contain vision special tokens")
-        assert_image_tokens(ids, [] if grids is None else grids.tolist(), self.tokenizer, self.merge_size, sid)
+        messages, owners, msg_ids, images, entries = self._examples(record, epoch)
+        pixel_values, grids = self._pixel_values(images, entries)
+        text, ranges = self._render(messages, owners, msg_ids, grids, sid)
+        ids, roles, pieces = self._tokenize(text, ranges, sid)
+        ids, roles, pieces, truncated = self._truncate(ids, roles, pieces, sid)
+        input_ids, kind, labels = self._labels(ids, roles, grids, truncated, sid)
         counts = ChatStats(samples=1, truncated=int(bool(truncated)), label_tokens=int((labels != -100).sum()), tokens=len(ids))
-        self.stats = self.stats.add(counts)   # this process's running total (the report's); the trainer sums the samples' own
-        spans = {'teacher': [], 'student': []}
-        for k in (1, 2):
-            pos = (kind == k).nonzero().flatten().tolist()
-            for p in pos:
-                owner = 'teacher' if k == 1 else 'student'
-                if spans[owner] and spans[owner][-1][1] == p: spans[owner][-1] = (spans[owner][-1][0], p + 1)
-                else: spans[owner].append((p, p + 1))
+        for k in ChatStats.__dataclass_fields__: setattr(self.stats, k, getattr(self.stats, k) + getattr(counts, k))   # this process's running total (the report's); the trainer sums the samples' own
         mm = mm_token_type_ids(input_ids, self)
-        return ProcessedSample(sid, input_ids, labels, mm, kind, pixel_values, grids, spans, roles, truncated,
+        return ProcessedSample(sid, input_ids, labels, mm, kind, pixel_values, grids, _answer_spans(kind), roles, truncated,
                                images, record.get('objects') or [], pieces, counts)
+
+# %% ../nbs/03_chat.ipynb #03-chat-011k
+@patch
+def example_messages(self: ChatProcessor, record: dict) -> list[dict]:
+    "The messages of one example (question and answer) for a record."
+    if self.target == 'conversation':
+        if not record.get('conversations'):
+            raise ChatError(f"sample {record['id']!r}: target 'conversation' but the record has no conversations")
+        return record['conversations']
+    self._check_target(record)
+    answer = grounding_text(record['objects'], tuple(record['size']), self.family) if self.target == 'grounding' \
+             else caption_text(record['objects'])
+    return [{'role': 'user', 'content': [{'type': 'image'}, {'type': 'text', 'text': self.prompt}]},
+            {'role': 'assistant', 'content': answer}]
+
+@patch
+def _check_target(self: ChatProcessor, record: dict) -> None:
+    "Refuse a record that grounding and caption targets cannot answer: not exactly one image, or objects that do not fit."
+    if (n := len(self._images(record))) != 1:
+        raise ChatError(f"sample {record['id']!r}: target {self.target!r} needs a one-image record (its objects are boxes in that "
+                        f"image), this one is {_shape(n)}; train such records with target 'conversation', or leave them out")
+    self._check_objects(record)
+
+@patch
+def _check_objects(self: ChatProcessor, record: dict) -> None:
+    "Refuse a one-image record whose objects cannot be this target's answer: none stored, or empty while its answers hold boxes."
+    if 'objects' not in record:
+        raise ChatError(f"sample {record['id']!r}: target {self.target!r} answers with the record's 'objects', and it has none "
+                        "(not a `vlmlab convert` record?): convert it again, or train it with target 'conversation'")
+    if record['objects'] or not (found := _answer_boxes(record)): return
+    k, b = found[0]
+    empty = grounding_text([], tuple(record['size']), self.family) if self.target == 'grounding' else caption_text([])
+    note = next((n for n in record.get('notes') or [] if isinstance(n, str) and n.startswith('answer boxes without a label')), None)
+    raise ChatError(f"sample {record['id']!r}: target {self.target!r} would train the answer {empty!r}, but its objects are empty "
+                    f"while its answers hold {len(found)} box(es) (turn {k}: {b.describe()})"
+                    + (f"; conversion noted: {note}" if note else '')
+                    + ": label every box in the answers (a \"label\" beside each bbox_2d) and convert again, "
+                      "or train it with target 'conversation'")
+
+@patch
+def usable(self: ChatProcessor, record: dict) -> bool:
+    "Whether this target can make an example of `record` (grounding and caption: one image, objects for the boxes its answers hold)."
+    if self.target == 'conversation': return True
+    try: self._check_target(record); return True
+    except ChatError: return False
+
+# %% ../nbs/03_chat.ipynb #03-chat-011m
+@patch
+def teachers_for(self: ChatProcessor, record: dict, epoch: int = 0) -> list[dict]:
+    "The teacher records that precede `record` this epoch (reproducible from seed, epoch and id)."
+    if not self.teacher_ratio: return []
+    rng = random.Random(hashlib.sha256(f"{self.seed}:{epoch}:{record['id']}".encode()).hexdigest())
+    if rng.random() >= self.teacher_ratio: return []
+    pool = [i for i, rid in self._teacher_candidates if rid != record['id']]
+    return [self.teacher_pool[i] for i in rng.sample(pool, min(self.n_teachers, len(pool)))]
+
+# %% ../nbs/03_chat.ipynb #03-chat-011o
+@patch
+def _images(self: ChatProcessor, rec: dict) -> list[dict]:
+    "The record's image entries, in placeholder order (`record_images`), its errors naming the sample."
+    try: return record_images(rec)
+    except ValueError as e: raise ChatError(f"sample {rec.get('id')!r}: {e}") from None
+
+@patch
+def _load(self: ChatProcessor, rec: dict) -> list[Image.Image]:
+    "The record's stored images, after checking they were made with this processor's resize spec."
+    entries = self._images(rec)
+    if not entries: return []
+    self.spec.check(rec['resize'], rec['id'])
+    out = []
+    for k, e in enumerate(entries):
+        try: out.append(load_image(resolve_inside(self.ds_root, e.get('image'))))
+        except ValueError as err: raise ChatError(f"sample {rec['id']!r}{_which(k, len(entries))}: {err}") from None
+    return out
+
+@patch
+def _pixel_values(self: ChatProcessor, images: list[Image.Image], entries: list[tuple],
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    "(pixel_values, image_grid_thw) of all the sample's images, in order; a stored image the processor resizes again is refused."
+    pixel_values = grids = None
+    if images:   # a text-only sample has no pixels at all (no dummy image: nothing for labels or positions to account for)
+        px = self.image_processor(images=images, return_tensors='pt')
+        pixel_values, grids = px['pixel_values'], px['image_grid_thw']
+        for (rec, k, n, e), g in zip(entries, grids.tolist()):
+            if [g[2] * self.spec.patch_size, g[1] * self.spec.patch_size] != list(e['size']):
+                raise ChatError(f"sample {rec['id']!r}{_which(k, n)}: the processor resized the stored {e['size'][0]}x{e['size'][1]} "
+                                f"image again (grid {g}): the boxes no longer match the pixels")
+    return pixel_values, grids
+
+# %% ../nbs/03_chat.ipynb #03-chat-011q
+@patch
+def _examples(self: ChatProcessor, record: dict, epoch: int = 0) -> tuple[list, list, list, list, list]:
+    "(messages, owner of each, record id of each, images, (record, k, n, image entry) per image) of the sample and its teachers."
+    examples = [(t, 'teacher') for t in self.teachers_for(record, epoch)] + [(record, 'student')]
+    messages, owners, msg_ids, images, entries = [], [], [], [], []   # entries: (record, k, n, image entry) per image, in order
+    for rec, owner in examples:
+        msgs = self.example_messages(rec)
+        if (markup := _markup_in_text(rec)):
+            raise ChatError(f"sample {rec['id']!r}: the special token {markup} is plain text in the data; the tokenizer would "
+                            "read it as chat markup (an early <|im_end|>, a stray image token): remove it from the labels / texts")
+        ents = self._images(rec)
+        check_vision_parts(rec, msgs, ents, self.family)
+        messages += msgs; owners += [owner] * len(msgs); msg_ids += [rec['id']] * len(msgs); images += self._load(rec)
+        entries += [(rec, k, len(ents), e) for k, e in enumerate(ents)]
+    return messages, owners, msg_ids, images, entries
+
+@patch
+def _render(self: ChatProcessor, messages: list[dict], owners: list[str], msg_ids: list[str], grids: torch.Tensor | None,
+            sid: str) -> tuple[str, list[tuple[int, int, str]]]:
+    "The sample's text, with each image expanded, and the (start, end, role) character range of every segment."
+    text, ranges = '', []
+    for seg in chatml_segments(messages, self.family):
+        if self.check_placeholders and seg.kind == 'text' and seg.message >= 0: _refuse_placeholders(seg, sid, msg_ids[seg.message])
+        piece = seg.text
+        if seg.kind == 'image':
+            piece = VISION_START + IMAGE_PAD * image_token_count(grids[seg.index].tolist(), self.merge_size) + VISION_END
+        role = 'image' if seg.kind == 'image' else (owners[seg.message] if seg.target else 'prompt')
+        ranges.append((len(text), len(text) + len(piece), role)); text += piece
+    return text, ranges
+
+# %% ../nbs/03_chat.ipynb #03-chat-011s
+@patch
+def _tokenize(self: ChatProcessor, text: str, ranges: list[tuple[int, int, str]], sid: str,
+             ) -> tuple[list[int], list[str], list[str]]:
+    "(ids, role of each token, text of each token) of the rendered sample; a token across the edge of an answer is refused."
+    enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc['input_ids'], enc['offset_mapping']
+    starts = [r[0] for r in ranges]
+    roles = [ranges[max(0, np.searchsorted(starts, a, side='right') - 1)][2] for a, _ in offsets]
+    last_roles = [ranges[max(0, np.searchsorted(starts, max(a, b - 1), side='right') - 1)][2] for a, b in offsets]
+    if (k := next((k for k, (r, q) in enumerate(zip(roles, last_roles)) if (r in LABEL_KIND) != (q in LABEL_KIND)), None)) is not None:
+        a, b = offsets[k]
+        raise ChatError(f"sample {sid!r}: token {k} ({text[a:b]!r}) lies across the edge of an answer: the tokenizer merges the "
+                        "answer's first or last characters with the markup beside it, so no label can be exactly the answer "
+                        "(an answer that starts with a newline, under a template that does not trim): strip the answer")
+    return ids, roles, [text[a:b] for a, b in offsets]
+
+# %% ../nbs/03_chat.ipynb #03-chat-011u
+@patch
+def _truncate(self: ChatProcessor, ids: list[int], roles: list[str], pieces: list[str], sid: str,
+             ) -> tuple[list[int], list[str], list[str], int]:
+    "(ids, roles, pieces, tokens cut) of the sample cut to `max_length` after its last image; a cut through one is counted and refused."
+    if len(ids) <= self.max_length: return ids, roles, pieces, 0
+    last_vision = max((k for k, i in enumerate(ids) if i in self.vision_ids), default=-1)
+    if last_vision >= self.max_length:
+        self.stats.samples += 1; self.stats.truncated += 1
+        raise ChatError(f"sample {sid!r}: {len(ids)} tokens > max_length {self.max_length}, and the cut would go through "
+                        f"an image (its vision tokens end at position {last_vision}). Images are never truncated: "
+                        "raise max_length, lower max_pixels, or use fewer teacher demonstrations")
+    return ids[:self.max_length], roles[:self.max_length], pieces[:self.max_length], len(ids) - self.max_length
+
+# %% ../nbs/03_chat.ipynb #03-chat-011w
+@patch
+def _labels(self: ChatProcessor, ids: list[int], roles: list[str], grids: torch.Tensor | None, truncated: int,
+            sid: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    "(input_ids, label_kind, labels) of the sample, after the guards: some label, none on a vision token, image tokens as the grids say."
+    input_ids = torch.tensor(ids, dtype=torch.long)
+    kind = torch.tensor([LABEL_KIND.get(r, 0) for r in roles], dtype=torch.int32)
+    labels = torch.where(kind > 0, input_ids, torch.full_like(input_ids, -100))
+    if not (labels != -100).any():
+        self.stats.samples += 1; self.stats.truncated += bool(truncated); self.stats.tokens += len(ids); self.stats.zero_label += 1
+        raise ChatError(f"sample {sid!r}: no label tokens{' after truncating ' + str(truncated) + ' tokens' if truncated else ''}; "
+                        "a sample without targets teaches nothing and would give a NaN loss alone in a batch")
+    if any(int(i) in self.vision_ids for i in labels[labels != -100]):
+        raise ChatError(f"sample {sid!r}: labels contain vision special tokens")
+    assert_image_tokens(ids, [] if grids is None else grids.tolist(), self.tokenizer, self.merge_size, sid)
+    return input_ids, kind, labels
+
+def _answer_spans(kind: torch.Tensor) -> dict[str, list[tuple[int, int]]]:
+    "'teacher' / 'student' -> the (start, end) token spans of their answers, from the label kinds."
+    spans = {'teacher': [], 'student': []}
+    for k in (1, 2):
+        pos = (kind == k).nonzero().flatten().tolist()
+        for p in pos:
+            owner = 'teacher' if k == 1 else 'student'
+            if spans[owner] and spans[owner][-1][1] == p: spans[owner][-1] = (spans[owner][-1][0], p + 1)
+            else: spans[owner].append((p, p + 1))
+    return spans
 
 # %% ../nbs/03_chat.ipynb #03-chat-011b
 def check_vision_parts(record: dict, # the record the messages come from (named in errors)

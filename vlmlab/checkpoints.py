@@ -205,6 +205,7 @@ def model_folder(name_or_path: str | Path, # hub id, folder, tiny-kit/<family>, 
 def load_model(config: ModelConfig, # which model, head and dtype
                loss_config: DetectionLossConfig | None = None, # detection loss weights
                lm_weight: float = 1.0, # weight of the LM loss next to the detection loss
+               router_aux_loss_coef: float | None = None, # MoE load-balancing loss weight (None: the checkpoint config's; 0: off)
               ) -> VLMDetector:
     "Load a Qwen-VL model with its tokenizer and image processor, check its files and tokens, and add the head if asked."
     from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
@@ -231,7 +232,7 @@ def load_model(config: ModelConfig, # which model, head and dtype
         head = DetectionHead(vlm.config.text_config.hidden_size, len(tok), tok.convert_tokens_to_ids(OBJECT_REF_START),
                              tok.convert_tokens_to_ids(OBJECT_REF_END), d_model=config.head_d_model,
                              num_queries=config.num_queries, max_caption_length=config.max_caption_length).to(vlm.dtype)
-    return VLMDetector(vlm, head, tok, ip, family, loss_config, lm_weight)
+    return VLMDetector(vlm, head, tok, ip, family, loss_config, lm_weight, router_aux_loss_coef)
 
 # %% ../nbs/06b_checkpoints.ipynb #06b-ckpt-011
 def save_trainer_weights(model: VLMDetector, # the trained module (unwrapped from DDP / accelerate)

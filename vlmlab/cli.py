@@ -28,8 +28,8 @@ from .families import DEFAULT_FAMILY, FAMILIES
 __all__ = ['COMMANDS', 'FLAG_NAMES', 'DEPRECATED_FLAGS', 'INPUT_FLAGS', 'command', 'HiddenAliasFormatter', 'CommandParser',
            'command_parser', 'user_error', 'one_line', 'quiet_progress', 'doctor', 'demo', 'resize_spec',
            'model_tokenizer', 'make_shapes', 'clean_raw_json', 'convert', 'merge_shards', 'validate', 'resume_command',
-           'train', 'report', 'ablate', 'evaluate', 'benchmarks_root', 'bench', 'build_parser', 'main', 'grammar',
-           'grammar_markdown']
+           'train', 'report', 'ablate', 'evaluate', 'detect', 'export', 'benchmarks_root', 'bench', 'build_parser',
+           'main', 'grammar', 'grammar_markdown']
 
 # %% ../nbs/90_cli.ipynb #90-cli-005
 COMMANDS: dict[str, Callable[..., int]] = {}
@@ -94,7 +94,7 @@ def command_parser(f: Callable, # a function with type hints and docments
         info, need = docs[name], prm.default is inspect.Parameter.empty
         helptext, anno = info['docment'] or '', info['anno']
         if need and prm.kind is not inspect.Parameter.KEYWORD_ONLY:
-            p.add_argument(name, metavar=name.upper(), help=helptext); continue
+            p.add_argument(name, metavar=name.upper(), help=helptext, **({'nargs': '+'} if str(anno).startswith('list') else {})); continue
         flag = FLAG_NAMES.get(name, '--' + name.replace('_', '-'))
         kw = dict(dest=name, help=helptext)
         if anno is bool or anno == 'bool' or isinstance(prm.default, bool): kw['action'] = 'store_true'
@@ -443,6 +443,24 @@ def ablate(*,
         print(f"ablation record: {f}")
     return 0 if res.passed else 1
 
+# %% ../nbs/90_cli.ipynb #90-cli-020a2
+def _paired_comparisons(results: dict[str, list[float]]) -> list[dict]:
+    "Every pair of checkpoints compared on the same items (printed), as JSON-ready records."
+    import itertools
+    import numpy as np
+    from vlmlab.diagnostics import compare_paired, paired_sample_size
+    comparisons = []
+    for (a, la), (b, lb) in itertools.combinations(results.items(), 2):
+        cmp = compare_paired(lb, la)   # later - earlier: below 0, the later checkpoint has the lower loss
+        word = ('lower loss' if cmp.mean_diff < 0 else 'higher loss') if cmp.significant else 'no significant difference'
+        print(f"{b} vs {a}: {word}\n  {cmp}")
+        sd = float(np.std(np.subtract(lb, la), ddof=1))
+        if not cmp.significant and cmp.mean_diff != 0 and sd > 0:
+            print(f"  items needed to detect a difference of {abs(cmp.mean_diff):.4g} with 80% power: {paired_sample_size(abs(cmp.mean_diff), sd)}")
+        comparisons.append({'a': a, 'b': b, 'mean_b_minus_a': cmp.mean_diff, 'bootstrap_ci': list(cmp.bootstrap_ci),
+                            't_pvalue': cmp.t_pvalue, 'wilcoxon_pvalue': cmp.wilcoxon_pvalue, 'significant': cmp.significant})
+    return comparisons
+
 # %% ../nbs/90_cli.ipynb #90-cli-020b
 @command(name='eval', deprecated={'out': ()})
 def evaluate(*,
@@ -453,6 +471,7 @@ def evaluate(*,
              target: str = None, # data.target (default: the first checkpoint's run config that exists, else grounding)
              max_length: int = None, # data.max_length (default: the first checkpoint's run config that exists, else 4096)
              batch_size: int = 8, # items per forward pass
+             map_images: int = 64, # held-out images scored for COCO mAP / AP50 of head, text path and whole-image baseline (0: skip)
              out: str = None, # write the per-item losses and the comparisons (JSON) here
              quiet: bool = False, # no progress bars
             ) -> int:
@@ -480,22 +499,48 @@ def evaluate(*,
     except (OSError, ValueError, RuntimeError) as e: return _fail('eval', e)
     print(f"{len(ho.samples)} '{ho.split}' items of {data} (target {ho.target}, max_length {ho.max_length}); mean token loss:")
     for c, ls in results.items(): print(f"  {np.mean(ls):.4f}  {c}")
-    comparisons = []
-    for (a, la), (b, lb) in itertools.combinations(results.items(), 2):
-        cmp = compare_paired(lb, la)   # later - earlier: below 0, the later checkpoint has the lower loss
-        word = ('lower loss' if cmp.mean_diff < 0 else 'higher loss') if cmp.significant else 'no significant difference'
-        print(f"{b} vs {a}: {word}\n  {cmp}")
-        sd = float(np.std(np.subtract(lb, la), ddof=1))
-        if not cmp.significant and cmp.mean_diff != 0 and sd > 0:
-            print(f"  items needed to detect a difference of {abs(cmp.mean_diff):.4g} with 80% power: {paired_sample_size(abs(cmp.mean_diff), sd)}")
-        comparisons.append({'a': a, 'b': b, 'mean_b_minus_a': cmp.mean_diff, 'bootstrap_ci': list(cmp.bootstrap_ci),
-                            't_pvalue': cmp.t_pvalue, 'wilcoxon_pvalue': cmp.wilcoxon_pvalue, 'significant': cmp.significant})
+    comparisons = _paired_comparisons(results)
+    maps = None
+    if map_images:
+        from vlmlab.report import MAP_PATHS, map_report
+        paths = MAP_PATHS if ho.target == 'grounding' else tuple(p for p in MAP_PATHS if p != 'text')
+        try: maps = map_report(checkpoints, data, ho.split, map_images, paths, progress=not quiet)
+        except (OSError, ValueError, RuntimeError) as e: return _fail('eval', e)
     if out:
-        rec = {'data': str(data), 'split': ho.split, 'target': ho.target, 'items': ho.ids, 'losses': results, 'comparisons': comparisons}
+        rec = {'data': str(data), 'split': ho.split, 'target': ho.target, 'items': ho.ids, 'losses': results, 'comparisons': comparisons,
+               'map': maps}
         try: write_atomic(Path(out), json.dumps(rec, indent=1).encode())
         except OSError as e: return _fail('eval', e)
         print(f"evaluation record: {out}")
     return 0
+
+# %% ../nbs/90_cli.ipynb #90-cli-026v
+@command(deprecated={'out': ()})   # its --out is a JSON-lines file, never spelled otherwise
+def detect(inputs: list[str], # image files or folders (folders: every image below, sorted; hidden files left out)
+           *,
+           model: str, # a run folder (its final/), a run's final/, a checkpoint-N/ folder or a `vlmlab export` folder
+           out: str, # JSON-lines file to write: one line per image (boxes xyxy in the original image's pixels)
+           draw: str = None, # folder to save each image with its boxes drawn, under the same name
+           path: str = 'head', # head: the detection head; text: the boxes the language model writes
+           prompt: str = None, # the question (default: the grounding prompt training uses)
+           threshold: float = 0.3, # head path: minimum objectness score of a box
+           max_new_tokens: int = 96, # text path: longest answer, in tokens
+           device: str = None, # where to run: cuda, cuda:1, cpu (default: cuda when available, else cpu)
+           quiet: bool = False, # no progress bar
+          ) -> int:
+    "Detect objects in image files and folders: one JSON line per image, boxes in original pixels, optionally drawn."
+    from vlmlab.predict import detect_command
+    return detect_command(inputs, model=model, out=out, draw=draw, path=path, threshold=threshold, max_new_tokens=max_new_tokens,
+                          device=device, quiet=quiet, **({'prompt': prompt} if prompt else {}))
+
+@command
+def export(run: str, # a training run folder (its final/ is exported), a run's final/ or a checkpoint-N/ folder
+           *,
+           out: str, # folder to write the serving export to (an older export there is replaced as a whole)
+          ) -> int:
+    "Export a trained model for serving: a plain transformers checkpoint (LoRA merged) with the detection head beside it."
+    from vlmlab.export import export_command
+    return export_command(run, out=out)
 
 # %% ../nbs/90_cli.ipynb #90-cli-027
 def benchmarks_root(start: str | Path | None = None, # where to look first (default: the current directory)

@@ -17,10 +17,10 @@ from .chat import ProcessedSample
 from .hybrid import seq_idx_from_cu_seqlens
 
 # %% auto #0
-__all__ = ['VLMLAB_KEYS', 'modality_runs', 'mrope_position_ids', 'packed_position_ids', 'CollatorError', 'check_sample_images',
-           'check_attention_mask', 'StandardDataCollator', 'check_batch_images', 'assert_packed_batch',
-           'PackedDataCollator', 'model_inputs', 'vision_keepalive', 'plan_packs', 'packing_stats',
-           'PackedBatchSampler']
+__all__ = ['VLMLAB_KEYS', 'modality_runs', 'mrope_position_ids', 'packed_position_ids', 'sample_mrope', 'CollatorError',
+           'check_sample_images', 'check_batch_images', 'check_attention_mask', 'StandardDataCollator',
+           'assert_packed_batch', 'PackedDataCollator', 'model_inputs', 'vision_keepalive', 'plan_packs',
+           'packing_stats', 'PackedBatchSampler']
 
 # %% ../nbs/04_collators.ipynb #04-collators-006
 def modality_runs(mm_token_type_ids: torch.Tensor, # (L,) token modalities: 0 text, 1 image, 2 video
@@ -28,8 +28,9 @@ def modality_runs(mm_token_type_ids: torch.Tensor, # (L,) token modalities: 0 te
     "Maximal runs of one modality as (modality, start, end)."
     types = mm_token_type_ids.flatten()
     if len(types) == 0: return []
-    cuts = ((types[1:] != types[:-1]).nonzero().flatten() + 1).tolist()
-    return [(int(types[k]), k, j) for k, j in zip([0] + cuts, cuts + [len(types)])]
+    kinds, counts = torch.unique_consecutive(types, return_counts=True)   # one pass; no per-run tensor indexing
+    ends = counts.cumsum(0).tolist()
+    return [(k, a, b) for k, a, b in zip(kinds.tolist(), [0] + ends[:-1], ends)]
 
 def mrope_position_ids(mm_token_type_ids: torch.Tensor, # (L,) 0 text, 1 image
                        image_grid_thw: torch.Tensor | None, # (n_images, 3) in order of appearance
@@ -59,9 +60,20 @@ def packed_position_ids(sample: ProcessedSample, # a processed sample
                         spatial_merge_size: int = 2, # the merger's spatial merge size
                        ) -> torch.Tensor:
     "(4, L) positions of one sample: row 0 text positions 0..L-1, rows 1-3 its mRoPE positions."
+    return torch.cat([torch.arange(len(sample)).unsqueeze(0), sample_mrope(sample, spatial_merge_size)])
+
+def sample_mrope(sample: ProcessedSample, # a processed sample
+                 spatial_merge_size: int = 2, # the merger's spatial merge size
+                ) -> torch.Tensor:
+    "The sample's (3, L) mRoPE positions, computed once per sample (the image check and the packed positions share them)."
+    mm, g = sample.mm_token_type_ids, sample.image_grid_thw   # the key sees replaced and edited tensors alike
+    key = (spatial_merge_size, id(mm), mm._version, len(mm), None if g is None else (id(g), g._version, str(g.tolist())))
+    cached = sample.__dict__.get('_mrope')
+    if cached is not None and cached[0] == key: return cached[1]
     try: mrope = mrope_position_ids(sample.mm_token_type_ids, sample.image_grid_thw, spatial_merge_size)
-    except ValueError as e: raise CollatorError(f"sample {sample.id!r}: {e}") from None
-    return torch.cat([torch.arange(len(sample)).unsqueeze(0), mrope])
+    except (ValueError, NotImplementedError) as e: raise CollatorError(f"sample {sample.id!r}: {e}") from None
+    sample.__dict__['_mrope'] = (key, mrope)
+    return mrope
 
 # %% ../nbs/04_collators.ipynb #04-collators-008
 VLMLAB_KEYS = ('label_kind', 'cu_seqlens', 'sample_ids', 'detection_targets', 'chat_counts')  # batch entries for vlmlab's checks and losses, not the model
@@ -79,8 +91,7 @@ def check_sample_images(sample: ProcessedSample, # a processed sample
     if n and sample.pixel_values.shape[0] != int(sample.image_grid_thw.prod(-1).sum()):
         raise CollatorError(f"sample {sample.id!r}: pixel_values has {sample.pixel_values.shape[0]} rows but its {n} grids "
                             f"{sample.image_grid_thw.tolist()} need sum(prod(grid_thw)) = {int(sample.image_grid_thw.prod(-1).sum())}")
-    try: mrope_position_ids(sample.mm_token_type_ids, sample.image_grid_thw, spatial_merge_size)
-    except (ValueError, NotImplementedError) as e: raise CollatorError(f"sample {sample.id!r}: {e}") from None
+    sample_mrope(sample, spatial_merge_size)   # its image-token runs against its grids (kept for the packed positions)
 
 def _pixels(samples: Sequence[ProcessedSample], spatial_merge_size: int = 2) -> dict:
     "The batch's pixel_values and image_grid_thw: every image of every sample, in token order; nothing for a batch without images."
@@ -89,6 +100,34 @@ def _pixels(samples: Sequence[ProcessedSample], spatial_merge_size: int = 2) -> 
     if not with_img: return {}
     return {'pixel_values': torch.cat([s.pixel_values for s in with_img]), 'image_grid_thw': torch.cat([s.image_grid_thw for s in with_img])}
 
+
+# %% ../nbs/04_collators.ipynb #04-collators-008b
+def check_batch_images(batch: dict, # a collated batch (padded or packed)
+                       spatial_merge_size: int = 2, # the merger's spatial merge size
+                      ) -> None:
+    "Check that image_grid_thw lists the batch's image-token runs in token order and pixel_values holds their rows."
+    mm, ids = batch['mm_token_type_ids'], batch.get('sample_ids') or []
+    cu = batch['cu_seqlens'].tolist() if batch.get('cu_seqlens') is not None else None   # packed: one row, samples by cu_seqlens
+    runs = []   # (sample index, tokens) of every image, in token order
+    for r, row in enumerate(mm):
+        for kind, k, j in modality_runs(row):
+            if kind == 1: runs.append((r if cu is None else bisect.bisect_right(cu, k) - 1, j - k))
+    grid, pv = batch.get('image_grid_thw'), batch.get('pixel_values')
+    grids = [] if grid is None else grid.tolist()
+    name = lambda i: repr(ids[i]) if i < len(ids) else f"#{i}"
+    if len(runs) != len(grids):
+        raise CollatorError(f"the batch's tokens hold {len(runs)} images but image_grid_thw lists {len(grids)}")
+    for n, ((i, got), (t, h, w)) in enumerate(zip(runs, grids)):
+        if got != t * h * w // spatial_merge_size ** 2:
+            raise CollatorError(f"image {n} of the batch (sample {name(i)}) has {got} image tokens but image_grid_thw[{n}] = "
+                                f"{[t, h, w]} needs {t * h * w // spatial_merge_size ** 2}: pixel_values / image_grid_thw are not "
+                                "in the order of the images in the tokens (or belong to other samples)")
+    need = sum(t * h * w for t, h, w in grids)
+    if (pv is None and need) or (pv is not None and pv.shape[0] != need):
+        raise CollatorError(f"pixel_values has {None if pv is None else pv.shape[0]} rows but the grids need sum(prod(grid_thw)) = {need}")
+
+
+# %% ../nbs/04_collators.ipynb #04-collators-008d
 def _round_up(n: int, multiple: int | None) -> int:
     return n if not multiple else -(-n // multiple) * multiple
 
@@ -128,32 +167,6 @@ class StandardDataCollator:
             if batch[k].shape != batch['input_ids'].shape: raise CollatorError(f"{k} has shape {tuple(batch[k].shape)}")
         return batch
 
-# %% ../nbs/04_collators.ipynb #04-collators-008b
-def check_batch_images(batch: dict, # a collated batch (padded or packed)
-                       spatial_merge_size: int = 2, # the merger's spatial merge size
-                      ) -> None:
-    "Check that image_grid_thw lists the batch's image-token runs in token order and pixel_values holds their rows."
-    mm, ids = batch['mm_token_type_ids'], batch.get('sample_ids') or []
-    cu = batch['cu_seqlens'].tolist() if batch.get('cu_seqlens') is not None else None   # packed: one row, samples by cu_seqlens
-    runs = []   # (sample index, tokens) of every image, in token order
-    for r, row in enumerate(mm):
-        for kind, k, j in modality_runs(row):
-            if kind == 1: runs.append((r if cu is None else bisect.bisect_right(cu, k) - 1, j - k))
-    grid, pv = batch.get('image_grid_thw'), batch.get('pixel_values')
-    grids = [] if grid is None else grid.tolist()
-    name = lambda i: repr(ids[i]) if i < len(ids) else f"#{i}"
-    if len(runs) != len(grids):
-        raise CollatorError(f"the batch's tokens hold {len(runs)} images but image_grid_thw lists {len(grids)}")
-    for n, ((i, got), (t, h, w)) in enumerate(zip(runs, grids)):
-        if got != t * h * w // spatial_merge_size ** 2:
-            raise CollatorError(f"image {n} of the batch (sample {name(i)}) has {got} image tokens but image_grid_thw[{n}] = "
-                                f"{[t, h, w]} needs {t * h * w // spatial_merge_size ** 2}: pixel_values / image_grid_thw are not "
-                                "in the order of the images in the tokens (or belong to other samples)")
-    need = sum(t * h * w for t, h, w in grids)
-    if (pv is None and need) or (pv is not None and pv.shape[0] != need):
-        raise CollatorError(f"pixel_values has {None if pv is None else pv.shape[0]} rows but the grids need sum(prod(grid_thw)) = {need}")
-
-
 # %% ../nbs/04_collators.ipynb #04-collators-010
 def assert_packed_batch(batch: dict, # a packed batch
                         spatial_merge_size: int = 2, # the merger's spatial merge size (image runs against their grids)
@@ -178,6 +191,8 @@ def assert_packed_batch(batch: dict, # a packed batch
         if k in batch and batch[k].shape != batch['input_ids'].shape: raise CollatorError(f"{k} has shape {tuple(batch[k].shape)}")
     check_batch_images(batch, spatial_merge_size)
 
+
+# %% ../nbs/04_collators.ipynb #04-collators-010b
 @dataclass
 class PackedDataCollator:
     "Pack samples into one row with per-sample positions, boundaries and no cross-sample attention."

@@ -77,11 +77,14 @@ class TrainingConfig:
     seed: int = 0                           # seed for data order and initialisation
     logging_steps: int = 10                 # log every this many steps
     save_steps: int = 500                   # checkpoint every this many steps
+    eval_steps: int = 0                     # evaluate on data.eval_split every this many steps (0: once, after training)
+    map_images: int = 8                     # held-out images scored for COCO mAP at each evaluation (0: none)
     lm_weight: float = 1.0                  # weight of the LM loss next to the detection loss
     dataloader_num_workers: int = 0         # processes that read, resize and process samples beside the training loop
+    router_aux_loss_coef: float | None = None   # MoE load-balancing loss weight (None: the checkpoint config's; 0: off)
     detection: DetectionLossConfig = field(default_factory=DetectionLossConfig)  # detection loss weights
 
-LOSS_TERMS = ('loss', 'lm_loss', 'teacher_lm_loss', 'student_lm_loss', 'detection_loss', 'bbox_l1', 'bbox_giou', 'objectness', 'caption')   # what a run computes and logs: lm_* weighed by training.lm_weight, the rest by training.detection
+LOSS_TERMS = ('loss', 'lm_loss', 'teacher_lm_loss', 'student_lm_loss', 'router_aux_loss', 'detection_loss', 'bbox_l1', 'bbox_giou', 'objectness', 'caption')   # what a run computes and logs: lm_* weighed by training.lm_weight, the rest by training.detection
 
 # %% ../nbs/06a_config.ipynb #06a-config-008
 @dataclass(frozen=True)
@@ -129,8 +132,11 @@ CONFIG_RANGES = {   # every int / float field of the schema has an entry (`VLMLa
     'training.warmup_ratio': Range(0, 1, hi_open=True, fix='a fraction of the run (0.03 warms up over 3% of the steps), never all of it'),
     'training.max_grad_norm': Range(0, fix='the clipping norm, or 0 for no clipping'),
     'training.seed': Range(0, 2**32 - 1), 'training.logging_steps': POS_INT, 'training.save_steps': POS_INT,
+    'training.eval_steps': Range(0, fix='optimizer steps between evaluations, or 0 to evaluate once after training'),
+    'training.map_images': Range(0, fix='held-out images scored for mAP at each evaluation (a few: each costs a generation), or 0'),
     'training.dataloader_num_workers': Range(0, 256),
     'training.lm_weight': Range(0, fix='the LM loss weight, >= 0'),
+    'training.router_aux_loss_coef': Range(0, fix='the MoE load-balancing weight, >= 0 (0: off; leave it out for the checkpoint config value)'),
     'training.detection.detection_bbox_weight': Range(0), 'training.detection.detection_giou_weight': Range(0),
     'training.detection.detection_objectness_weight': Range(0), 'training.detection.detection_caption_weight': Range(0),
     'training.detection.focal_alpha': Range(0, 1), 'training.detection.focal_gamma': Range(0),

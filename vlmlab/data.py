@@ -565,6 +565,8 @@ def llava_messages(conversations: list, # LLaVA turns: {'from', 'value'}
         if not isinstance(t, dict) or t.get('from') not in LLAVA_ROLES or not isinstance(t.get('value'), str):
             raise Reject(f"{where} turn {k}: expected {{'from': human|gpt, 'value': str}}, got {t!r}")
         role, value = LLAVA_ROLES[t['from']], t['value']
+        if '<image>' in value and role != 'user':   # the model's template never renders an image in its own or a system turn
+            raise Reject(f"{where} turn {k}: an <image> placeholder in a {t['from']!r} turn; images belong in a human turn")
         if '<image>' in value:
             n_img += value.count('<image>')
             parts = []
@@ -752,7 +754,7 @@ def _sniff_json(inp: Path) -> str:
     return 'coco' if isinstance(head, dict) and ('annotations' in head or {'images', 'categories'} <= head.keys()) else 'raw'
 
 def _iter_samples(inputs: list[Path], fmt: str, migrate_old: bool, image_root, stage_dir=None, hf_options: dict | None = None) -> Iterator[Sample]:
-    from .scale import is_hf_source, read_hf   # Hugging Face datasets (the optional `datasets`) are read on the scale page
+    from vlmlab.scale import is_hf_source, read_hf   # Hugging Face datasets (the optional `datasets`) are read on the scale page
     for inp in inputs:
         kind = fmt
         if kind == 'auto': kind = 'hf' if is_hf_source(inp) else 'raw' if inp.is_dir() else _sniff_json(inp)
@@ -1044,7 +1046,7 @@ def validate(out_dir: str | Path = 'ds_output', # the ds_output folder
             ) -> ValidationReport:
     "Check every split's manifest, every record of every split, and look for leakage between splits."
     if not near_duplicate_difference >= 0: raise ValueError(f"near_duplicate_difference must be >= 0, got {near_duplicate_difference}")
-    from .scale import LazyRecords   # the valid records are kept as offsets into the file, not as dicts
+    from vlmlab.scale import LazyRecords   # the valid records are kept as offsets into the file, not as dicts
     root = Path(out_dir)
     files = sorted(p for p in root.glob('*.jsonl') if not p.name.endswith('.rejects.jsonl'))
     if not files: return ValidationReport(str(root), {}, [f"{root}: no {{split}}.jsonl files (run vlmlab convert first)"], [])

@@ -16,6 +16,7 @@ from .collators import modality_runs
 from .detection_loss import DetectionLoss, DetectionLossConfig
 from .families import family_record
 from .lm_loss import lm_loss_terms
+from .moe import router_aux_coef, router_aux_loss, router_logits_kwargs
 
 # %% auto #0
 __all__ = ['sine_xy_embedding', 'image_token_xy', 'MLP', 'DetectionHead', 'VLMDetector']
@@ -167,26 +168,12 @@ class VLMDetector(nn.Module):
                  family: str, # model family
                  loss_config: DetectionLossConfig | None = None, # detection loss weights
                  lm_weight: float = 1.0, # weight of the LM loss in `loss` (0: head only)
+                 router_aux_loss_coef: float | None = None, # MoE load-balancing loss weight (None: the checkpoint config's; 0: off)
                 ):
         super().__init__()
         self.vlm, self.head, self.tokenizer, self.image_processor, self.family = vlm, head, tokenizer, image_processor, family
         self.criterion, self.lm_weight = (DetectionLoss(head, loss_config) if head is not None else None), lm_weight
-
-    def head_inputs(self, hidden: torch.Tensor, batch: dict):
-        "Per-sample memory: hidden states, mask (image + prompt tokens) and image-token positions."
-        mm, kind = batch['mm_token_type_ids'], batch['label_kind']
-        keep = kind == 0
-        if batch.get('attention_mask') is not None: keep = keep & batch['attention_mask'].bool()
-        xy = image_token_xy(mm.cpu(), batch.get('image_grid_thw'), self.image_processor.merge_size).to(hidden.device)
-        if 'cu_seqlens' not in batch: return hidden, keep, xy
-        cu = batch['cu_seqlens'].tolist()
-        spans = [(a, b) for a, b in zip(cu[:-1], cu[1:]) if bool((mm[0, a:b] == 1).any())]  # skip the padding segment
-        L = max(b - a for a, b in spans)
-        H = hidden.new_zeros(len(spans), L, hidden.shape[-1]); M = torch.zeros(len(spans), L, dtype=torch.bool, device=hidden.device)
-        X = torch.full((len(spans), L, 2), -1.0, device=hidden.device)
-        for k, (a, b) in enumerate(spans):
-            H[k, :b - a], M[k, :b - a], X[k, :b - a] = hidden[0, a:b], keep[0, a:b], xy[0, a:b]
-        return H, M, X
+        self.router_aux_loss_coef = router_aux_coef(vlm, router_aux_loss_coef)   # 0 in dense families
 
     def forward(self, batch: dict, # a collated batch (standard or packed)
                 targets: list[dict] | None = None, # `detection_targets` of its samples, for the detection losses
@@ -199,7 +186,7 @@ class VLMDetector(nn.Module):
         if 'cu_seqlens' in batch and family_record(self.family).packing == 'linear_attention':
             from vlmlab.hybrid import PackingError, packing_problem
             if (why := packing_problem(self.vlm, batch)): raise PackingError(f"{self.family}: a packed row would bleed: {why}")
-        out = self.vlm(**inputs, output_hidden_states=self.head is not None)
+        out = self.vlm(**inputs, output_hidden_states=self.head is not None, **router_logits_kwargs(self.vlm, self.router_aux_loss_coef))
         res = self.head(*self.head_inputs(out.hidden_states[-1], batch)) if self.head is not None else {}
         if 'labels' not in batch and targets is None: return res
         loss = 0.0
@@ -211,8 +198,29 @@ class VLMDetector(nn.Module):
             terms = self.criterion(res, targets, num_boxes)
             res.update(terms, detection_loss=terms.pop('loss'))
             loss = loss + res['detection_loss']
+        if self.router_aux_loss_coef and 'labels' in batch:   # transformers adds the balancing loss only with labels it never sees here
+            res['router_aux_loss'] = router_aux_loss(self.vlm, out, batch, num_items_in_batch)
+            loss = loss + self.router_aux_loss_coef * res['router_aux_loss']
         if self.training and not torch.is_tensor(batch.get('pixel_values')) and any(p.requires_grad for p in self.vlm.model.visual.parameters()):
             loss = loss + vision_keepalive(self.vlm)   # no image in this batch: the vision tower still joins the graph (zero gradients)
         res['loss'] = loss
         return res
 
+
+# %% ../nbs/05_detection.ipynb #05-detection-036h
+@patch
+def head_inputs(self: VLMDetector, hidden: torch.Tensor, batch: dict):
+    "Per-sample memory: hidden states, mask (image + prompt tokens) and image-token positions."
+    mm, kind = batch['mm_token_type_ids'], batch['label_kind']
+    keep = kind == 0
+    if batch.get('attention_mask') is not None: keep = keep & batch['attention_mask'].bool()
+    xy = image_token_xy(mm.cpu(), batch.get('image_grid_thw'), self.image_processor.merge_size).to(hidden.device)
+    if 'cu_seqlens' not in batch: return hidden, keep, xy
+    cu = batch['cu_seqlens'].tolist()
+    spans = [(a, b) for a, b in zip(cu[:-1], cu[1:]) if bool((mm[0, a:b] == 1).any())]  # skip the padding segment
+    L = max(b - a for a, b in spans)
+    H = hidden.new_zeros(len(spans), L, hidden.shape[-1]); M = torch.zeros(len(spans), L, dtype=torch.bool, device=hidden.device)
+    X = torch.full((len(spans), L, 2), -1.0, device=hidden.device)
+    for k, (a, b) in enumerate(spans):
+        H[k, :b - a], M[k, :b - a], X[k, :b - a] = hidden[0, a:b], keep[0, a:b], xy[0, a:b]
+    return H, M, X

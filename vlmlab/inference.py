@@ -71,7 +71,7 @@ def prompt_inputs(detector: VLMDetector, # supplies the tokenizer, image process
                  ) -> dict:
     "Model inputs for one image and a question, rendered with the generation prompt exactly as in training; unfilled templates refused."
     msgs = [{'role': 'user', 'content': [{'type': 'image'}, {'type': 'text', 'text': prompt}]}]
-    rendered = assert_no_placeholders(render_chatml(msgs, detector.family, add_generation_prompt=True),   # before any pixel is read
+    rendered = assert_no_placeholders(render_chatml(msgs, detector.family, add_generation_prompt=True, enable_thinking=False),   # before any pixel is read
                                       sample_id if sample_id is not None else _image_name(image))
     px = detector.image_processor(images=[as_image(image)], return_tensors='pt')
     text = expand_image_pads(rendered, px['image_grid_thw'], detector.image_processor.merge_size)
@@ -130,7 +130,7 @@ def text_predictions(detector: VLMDetector, # a VLMDetector (its VLM generates; 
                      ds_root, # the ds_output folder
                      prompt: str, # the grounding question, as in training
                      max_new_tokens: int = 96, # longest answer
-                     scores: str = 'object', # each box's score: a rule of `vlmlab.text_scores.SCORE_RULES`, or 'constant' (1.0 for every box)
+                     scores: str = 'coords', # each box's score: a rule of `vlmlab.text_scores.SCORE_RULES`, or 'constant' (1.0 for every box)
                     ) -> tuple[list[dict], int]:
     "Text-path predictions: the boxes the LM writes for each record (stored-image pixels), scored from its token probabilities, and how many answers did not parse."
     from vlmlab.data import resolve_inside

@@ -22,21 +22,26 @@ from matplotlib.figure import Figure
 from scipy import stats
 from tqdm.auto import tqdm
 
-from .chat import ChatProcessor, ChatStats
+from .chat import DEFAULT_GROUNDING_PROMPT, ChatProcessor, ChatStats
 from .data import read_jsonl, write_atomic
 from .diagnostics import (ABLATIONS, EXPLODING_ABOVE, FROZEN_BELOW, GOLDILOCKS, UNSTABLE_ABOVE, AblationResult,
                                 CurveThresholds, Verdict, ablation_samples, diagnose_loss_curve, grad_norm_verdicts, item_losses, loss_series,
                                 metric_series, update_ratio_verdicts)
+from .moe import expert_usage_verdict
 from .checkpoints import last_good_checkpoint, processing_kit
 from .config import LOSS_TERMS, VLMLabConfig
+from .evaluation import baseline_predictions, evaluate_detections, ground_truth
+from .inference import detector_predictions, text_predictions
 
 # %% auto #0
-__all__ = ['HELDOUT_SPLITS', 'TRUNCATION_LIMIT', 'RUNBOOK_TRUNCATION_ADVICE', 'ABLATION_FORMAT', 'ABLATION_CONFIDENCE',
-           'ABLATION_CONDITIONS', 'ABLATION_KEYS', 'REPORT_PANELS', 'BALANCE_KEYS', 'SplitCoverage', 'coverage_advice',
-           'DataReport', 'data_report', 'run_config', 'HeldOut', 'heldout_samples', 'heldout_losses', 'ablation_record',
-           'save_ablation', 'load_ablation', 'ablation_result', 'skipped_text', 'read_run', 'png_bytes',
-           'loss_terms_figure', 'grad_norm_figure', 'update_ratio_figure', 'ablation_figure', 'consistent_loss_verdict',
-           'loss_balance_verdict', 'write_report']
+__all__ = ['HELDOUT_SPLITS', 'TRUNCATION_LIMIT', 'RUNBOOK_TRUNCATION_ADVICE', 'MAP_PATHS', 'MAP_GRID_IMAGES', 'MAP_COLUMNS',
+           'ABLATION_FORMAT', 'ABLATION_CONFIDENCE', 'ABLATION_CONDITIONS', 'ABLATION_KEYS', 'REPORT_PANELS',
+           'BALANCE_KEYS', 'SplitCoverage', 'coverage_advice', 'DataReport', 'data_report', 'run_config', 'HeldOut',
+           'heldout_samples', 'heldout_losses', 'map_records', 'heldout_map', 'map_row', 'map_history', 'map_report',
+           'ablation_record', 'save_ablation', 'load_ablation', 'ablation_result', 'skipped_text', 'read_run',
+           'png_bytes', 'loss_terms_figure', 'grad_norm_figure', 'update_ratio_figure', 'ablation_figure',
+           'map_curve_figure', 'prediction_grid_figure', 'consistent_loss_verdict', 'loss_balance_verdict',
+           'write_report']
 
 # %% ../nbs/09_report.ipynb #09-report-006
 HELDOUT_SPLITS = ('heldout', 'eval', 'val', 'validation', 'test')   # held-out split names looked for, in this order
@@ -149,6 +154,7 @@ def data_report(config: str | Path | VLMLabConfig, # the run's config (YAML file
                 smp = proc(rec, 0)
                 cov.lengths.append(len(smp) + smp.truncated)
             except (ValueError, OSError) as e: cov.errors.append(str(e))
+        cov.stats = proc.stats   # the processor's running total, read after the pass (it may replace the object as it counts)
         out[s] = cov
     return DataReport(str(root), d.max_length, d.target, out, limit)
 
@@ -243,6 +249,123 @@ def heldout_losses(model, # a VLMDetector (from load_eval_model) or a transforme
             out += item_losses(vlm, {k: v.to(vlm.device) if torch.is_tensor(v) else v for k, v in batch.items()})
     finally: vlm.train(was_training)
     return out
+
+# %% ../nbs/09_report.ipynb #09-report-025a
+MAP_PATHS = ('head', 'text', 'baseline')   # what heldout_map scores: the detection head, the generated text, the whole-image box
+MAP_GRID_IMAGES = 8   # held-out images the report draws with their predicted and true boxes
+
+def map_records(ds_output: str | Path, # the ds_output folder
+                split: str | None = None, # the held-out split (default: the first of HELDOUT_SPLITS present)
+                n: int = 64, # the first n one-image records
+               ) -> tuple[str, list[dict]]:
+    "The split's name and its first `n` one-image records (what mAP is computed on)."
+    root = Path(ds_output)
+    have = _splits_in(root) if root.is_dir() else []
+    split = split or next((s for s in HELDOUT_SPLITS if s in have), None)
+    if split is None or split not in have:
+        raise FileNotFoundError(f"{root / ((split or 'heldout') + '.jsonl')}: no such split (have: {', '.join(have) or 'none'})")
+    recs = [r for _, r, _ in read_jsonl(root / f'{split}.jsonl') if r is not None and r.get('image') and r.get('size')][:n]
+    if not recs: raise ValueError(f"{root / (split + '.jsonl')}: no one-image records to score")
+    return split, recs
+
+# %% ../nbs/09_report.ipynb #09-report-025b
+def heldout_map(model, # a VLMDetector with or without head (load_trained, load_eval_model); None for the baseline alone
+                ds_output: str | Path, # the ds_output folder
+                split: str | None = None, # the held-out split (default: the first of HELDOUT_SPLITS present)
+                n: int = 64, # the first n one-image records
+                paths: Sequence[str] = MAP_PATHS, # what to score: 'head' (skipped without a head), 'text', 'baseline'
+                prompt: str = DEFAULT_GROUNDING_PROMPT, # the grounding question, as in training
+                threshold: float = 0.05, # minimum objectness of a head box
+                max_new_tokens: int = 96, # longest text-path answer
+                keep: int = 0, # also return the predictions of the first `keep` images ('predictions', for the report's grid)
+                progress: bool = False, # a tqdm bar of the images (stderr)
+               ) -> dict:
+    "COCO mAP / AP50 / AP75 (class-agnostic and by label) of the head, the text path and the whole-image baseline on held-out records."
+    if (bad := [p for p in paths if p not in MAP_PATHS]): raise ValueError(f"paths {bad}: use some of {', '.join(MAP_PATHS)}")
+    if model is None and any(p != 'baseline' for p in paths): raise ValueError("the head and the text path need a model (model=None: paths=('baseline',))")
+    split, records = map_records(ds_output, split, n)
+    use = [p for p in paths if p != 'head' or getattr(model, 'head', None) is not None]
+    preds, unparsed, t0 = {p: [] for p in use if p != 'baseline'}, 0, time.perf_counter()
+    was = model.training if model is not None else False
+    try:
+        for r in tqdm(records, desc=f'mAP {split}', unit='image', file=sys.stderr, leave=False, disable=not progress or not preds):
+            if 'head' in preds: preds['head'] += detector_predictions(model, [r], ds_output, prompt, threshold)
+            if 'text' in preds:
+                p, u = text_predictions(model, [r], ds_output, prompt, max_new_tokens)
+                preds['text'] += p; unparsed += u
+    finally:
+        if model is not None: model.train(was)
+    if 'baseline' in use: preds['baseline'] = baseline_predictions(records, 'whole_image')
+    gts = ground_truth(records)
+    out = {'split': split, 'images': len(records), 'boxes': sum(len(g['boxes']) for g in gts), 'seconds': time.perf_counter() - t0,
+           **{p: evaluate_detections(gts, preds[p]) for p in use}}
+    if 'text' in out: out['text']['unparsed'] = unparsed
+    if keep:
+        out['predictions'] = [{'id': r['id'], 'image': r['image'], 'size': list(r['size']), 'truth': {'boxes': g['boxes'], 'labels': g['labels']},
+                               **{p: {k: [list(map(float, b)) for b in preds[p][i]['boxes']] if k == 'boxes' else list(preds[p][i][k])
+                                      for k in ('boxes', 'scores', 'labels')} for p in use if p != 'baseline'}}
+                              for i, (r, g) in enumerate(zip(records[:keep], gts))]
+    return out
+
+# %% ../nbs/09_report.ipynb #09-report-025c
+def map_row(result: Mapping, # a heldout_map result
+           ) -> dict:
+    "The result's numbers in one flat row: map_P, ap50_P (class-agnostic) and map_P_by_label, ap50_P_by_label for every path P."
+    row = {'images': result['images']}
+    for p in MAP_PATHS:
+        if p not in result: continue
+        ca, bl = result[p]['class_agnostic'], result[p]['by_label']
+        row.update({f'map_{p}': ca['mAP'], f'ap50_{p}': ca['AP50'], f'map_{p}_by_label': bl['mAP'], f'ap50_{p}_by_label': bl['AP50']})
+    if 'text' in result: row['text_unparsed'] = result['text']['unparsed']
+    return row
+
+def map_history(log_history: Sequence[Mapping], # a run's log history (the trainer logs eval_map_* at every evaluation)
+               ) -> list[dict]:
+    "One row per evaluation step with the mAP the trainer logged: {'step', 'map_head', 'ap50_head', ...} (the 'eval_' prefix dropped)."
+    rows = {}
+    for h in log_history:
+        if isinstance(h, Mapping) and any(k.startswith('eval_map_') for k in h):
+            rows[h.get('step')] = {'step': h.get('step'), **{k[len('eval_'):]: v for k, v in h.items() if k.startswith(('eval_map_', 'eval_ap50_'))}}
+    return list(rows.values())
+
+# %% ../nbs/09_report.ipynb #09-report-025i
+MAP_COLUMNS = ('mAP', 'AP50', 'mAP by label', 'AP50 by label')   # the columns of map_report's table, per path
+
+def _map_lines(rows: Sequence[tuple]) -> str:
+    "The table as text: one line per checkpoint and path."
+    w = max([len('checkpoint')] + [len(str(r[0])) for r in rows])
+    head = f"{'checkpoint':{w}}  {'path':10}" + ''.join(f"{c:>14}" for c in MAP_COLUMNS) + '  unparsed'
+    fmt = lambda v: f"{v:14.4f}" if isinstance(v, float) else f"{v!s:>14}"
+    return '\n'.join([head] + [f"{r[0]!s:{w}}  {r[1]:10}" + ''.join(fmt(v) for v in r[2:6]) + f"  {'' if r[6] is None else r[6]}" for r in rows])
+
+def map_report(checkpoints: Sequence[str | Path], # model folders (run folders, final/, checkpoint-N/), scored one at a time in this order
+               data: str | Path, # ds_output folder holding the held-out split
+               split: str | None = None, # held-out split (default: the first of HELDOUT_SPLITS present)
+               n: int = 64, # the first n one-image records
+               paths: Sequence[str] = MAP_PATHS, # 'head' (where a checkpoint has one), 'text', 'baseline'
+               progress: bool = False, # progress bars
+               show: bool = True, # print the table
+              ) -> dict:
+    "heldout_map of every checkpoint on the same records, one model in memory at a time; the table (printed) and the results."
+    import gc
+    from vlmlab.export import load_trained
+    split, records = map_records(data, split, n)
+    results, rows = {}, []
+    for c in checkpoints:
+        m = load_trained(c)
+        results[str(c)] = res = heldout_map(m, data, split, n, [p for p in paths if p != 'baseline'], progress=progress)
+        del m; gc.collect()
+        for p in ('head', 'text'):
+            if p in res:
+                ca, bl = res[p]['class_agnostic'], res[p]['by_label']
+                rows.append((str(c), p, ca['mAP'], ca['AP50'], bl['mAP'], bl['AP50'], res[p].get('unparsed')))
+    if 'baseline' in paths:
+        results['baseline'] = b = heldout_map(None, data, split, n, ('baseline',))
+        ca, bl = b['baseline']['class_agnostic'], b['baseline']['by_label']
+        rows.append(('whole image', 'baseline', ca['mAP'], ca['AP50'], bl['mAP'], bl['AP50'], None))
+    table = [dict(zip(('checkpoint', 'path', 'map', 'ap50', 'map_by_label', 'ap50_by_label', 'unparsed'), r)) for r in rows]
+    if show: print(f"COCO mAP on {len(records)} '{split}' images of {data}:\n{_map_lines(rows)}")
+    return {'data': str(data), 'split': split, 'images': len(records), 'ids': [r['id'] for r in records], 'table': table, 'results': results}
 
 # %% ../nbs/09_report.ipynb #09-report-027
 ABLATION_FORMAT = 'vlmlab.ablation/1'
@@ -451,9 +574,51 @@ def ablation_figure(record: Mapping, # an ablation record (ablation_record / loa
     a2.grid(alpha=.3, axis='y')
     return fig
 
+# %% ../nbs/09_report.ipynb #09-report-041a
+def map_curve_figure(rows: Sequence[Mapping], # map_history rows
+                    ) -> Figure | None:
+    "Class-agnostic mAP and AP50 of every path over the evaluation steps; None for fewer than two steps."
+    if len(rows) < 2: return None
+    fig = Figure(figsize=(9, 3.2), layout='constrained'); axes = fig.subplots(1, 2)
+    for ax, metric in zip(axes, ('map', 'ap50')):
+        for p, c in zip(MAP_PATHS, _colors(len(MAP_PATHS))):
+            pts = [(r['step'], r[f'{metric}_{p}']) for r in rows if f'{metric}_{p}' in r]
+            if pts: ax.plot(*zip(*pts), marker='o', color=c, ls='--' if p == 'baseline' else '-', label=p)
+        ax.set_title(f"{'mAP' if metric == 'map' else 'AP50'} (class-agnostic) on the held-out images", fontsize=10)
+        ax.set_xlabel('step'); ax.set_ylim(-0.02, 1.02); ax.grid(alpha=.3); ax.legend(fontsize=8)
+    return fig
+
+_PATH_STYLE = {'truth': ('tab:green', '-'), 'head': ('tab:red', '-'), 'text': ('tab:blue', '--')}   # box colour and line per source
+
+def prediction_grid_figure(items: Sequence[Mapping], # heldout_map(..., keep=k)['predictions']
+                           ds_output: str | Path, # the ds_output folder the images are stored in
+                           max_boxes: int = 5, # the highest-scored boxes drawn per path
+                           cols: int = 4, # images per row
+                          ) -> Figure | None:
+    "Held-out images with their true boxes (green), head boxes (red) and text-path boxes (blue, dashed); None without items."
+    from matplotlib.patches import Rectangle
+    from vlmlab.data import resolve_inside
+    from vlmlab.vision import load_image
+    if not items: return None
+    rows = math.ceil(len(items) / cols)
+    fig = Figure(figsize=(2.6 * cols, 2.8 * rows), layout='constrained')
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, it in zip(axes, items):
+        ax.imshow(np.asarray(load_image(resolve_inside(Path(ds_output), it['image'])).convert('RGB')))
+        for src, (color, ls) in _PATH_STYLE.items():
+            if src not in it: continue
+            boxes, scores = it[src]['boxes'], it[src].get('scores') or [1.0] * len(it[src]['boxes'])
+            for k in np.argsort(-np.asarray(scores, dtype=float))[:max_boxes if src != 'truth' else None]:
+                x1, y1, x2, y2 = boxes[k]
+                ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, ec=color, ls=ls, lw=1.6))
+        ax.set_title(str(it['id'])[:24], fontsize=8); ax.axis('off')
+    for ax in axes[len(items):]: ax.axis('off')
+    fig.suptitle('green: true boxes, red: head (top-scored), blue dashed: text path', fontsize=9)
+    return fig
+
 # %% ../nbs/09_report.ipynb #09-report-043
 REPORT_PANELS = {'summary': 'Verdicts at a glance', 'loss-terms': 'Loss terms', 'grad-norm': 'Gradient norm per group',
-                 'update-ratio': 'Update ratio per group', 'ablation': 'Connector ablation',
+                 'update-ratio': 'Update ratio per group', 'ablation': 'Connector ablation', 'map': 'Held-out mAP',
                  'data': 'Truncation and label coverage', 'pathologies': 'Loss-curve pathologies',
                  'verdicts': 'Gradient physiology in words'}   # section id -> heading
 
@@ -544,6 +709,37 @@ def _facts(run: Mapping, run_dir: Path) -> str:
             ('steps', f"{max(steps) if steps else 0} (batch {t.get('per_device_batch_size', '?')} x accumulation {t.get('gradient_accumulation_steps', '?')})"),
             ('runtime', f"{run.get('train', {}).get('train_runtime', '?')} s"), ('written', time.strftime('%Y-%m-%d %H:%M:%S'))]
     return _table(None, rows)
+
+# %% ../nbs/09_report.ipynb #09-report-044m
+def _map_img(panel: str, alt: str, png: bytes, name: str) -> str:
+    return (f'<img id="img-{panel}" alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+            f'<div class="muted">file: <a href="{name}">{name}</a></div>')
+
+def _map_panel(run: Mapping, out: Path) -> str:
+    "The mAP table per evaluation step, its curve, and the grid of held-out images with predicted and true boxes."
+    rows = map_history(run['log_history'])
+    if not rows:
+        return ('<p class="muted">no held-out mAP logged: train with data.eval_split set and a detection head (or target grounding); '
+                'training.eval_steps evaluates during training, training.map_images sets how many images. For exports: '
+                '<code>vlmlab eval --checkpoints RUN --data DS_OUTPUT</code></p>')
+    cols = [c for c in ('map_head', 'ap50_head', 'map_head_by_label', 'map_text', 'ap50_text', 'map_text_by_label',
+                        'map_baseline', 'ap50_baseline') if any(c in r for r in rows)]
+    body = (f"<p>COCO mAP (IoU 0.50:0.95) and AP50 on {rows[-1].get('map_images', '?')} held-out images at every evaluation step "
+            "(class-agnostic unless 'by label'), beside the whole-image baseline (one box covering the image).</p>"
+            + _table(('step', *cols), [[r['step'], *[r.get(c, '') for c in cols]] for r in rows]))
+    for panel, fig, alt in (('map-curve', map_curve_figure(rows), 'held-out mAP over the evaluation steps'),
+                            ('map-grid', _grid_of(run), 'held-out images with predicted and true boxes')):
+        if fig is None: continue
+        png, name = png_bytes(fig, dpi=60), panel.replace('-', '_') + '.png'
+        (out / name).write_bytes(png)
+        body += _map_img(panel, alt, png, name)
+    return body
+
+def _grid_of(run: Mapping) -> Figure | None:
+    "The prediction grid of the run's last mAP evaluation (metrics.json 'map_predictions'), None when absent or its images are gone."
+    mp = run.get('map_predictions') or {}
+    try: return prediction_grid_figure(mp.get('items') or [], mp.get('ds_output', ''))
+    except (OSError, ValueError): return None
 
 # %% ../nbs/09_report.ipynb #09-report-044b
 def consistent_loss_verdict(v: Verdict, # a loss-curve verdict (diagnostics.diagnose_loss_curve)
@@ -654,6 +850,7 @@ def write_report(run_dir: str | Path, # a `vlmlab train` output folder
     data_v = [v for v in [_data_verdict(counters, TRUNCATION_LIMIT)] if v is not None]
     bal = loss_balance_verdict(run.get('loss_balance'))
     summary = _summary(loss_v, grad_v, ur_v, sr_v, data_v, data, rec, bal)
+    if (moe_v := expert_usage_verdict(run.get('expert_usage'))) is not None: summary.append((moe_v.ok, str(moe_v)))
     flags = sorted([s for ok, s in summary if not ok]) + [s for ok, s in summary if ok]
     n_flag = sum(not ok for ok, _ in summary)
     body = {
@@ -664,6 +861,7 @@ def write_report(run_dir: str | Path, # a `vlmlab train` output folder
         'grad-norm': images.get('grad-norm', '<p class="muted">no per-group gradient norms logged</p>'),
         'update-ratio': images.get('update-ratio', '<p class="muted">no per-group update ratios logged</p>'),
         'ablation': _ablation_panel(rec, run_dir, images),
+        'map': _map_panel(run, out),
         'data': _data_panel(counters, data),
         **_verdict_panels(loss_v, grad_v, ur_v, sr_v, bal, floor)}
     sections = ''.join(f'<section id="{pid}"><h2>{html.escape(title)}</h2>{body[pid]}</section>' for pid, title in REPORT_PANELS.items())

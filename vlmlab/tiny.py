@@ -211,6 +211,8 @@ def _build_one(root: Path, fam: str, seed: int) -> Path:
     if not base: tiny_image_processor(fam).save_pretrained(d)
     return d
 
+
+# %% ../nbs/00a_tiny.ipynb #00a-tiny-018d
 def tiny_kit(family: str = 'qwen2_5_vl', # which model: one of KIT_FAMILIES
             ) -> Path:
     "Path of the cached tiny kit model of `family`, built on first use."

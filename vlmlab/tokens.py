@@ -121,6 +121,8 @@ def _layout_problem(base: int, fam: Family) -> str | None:
             f"but {fam.title} checkpoints start it at {fam.endoftext_id} (<|image_pad|> = {img.family_id(fam)}). "
             f"Fix: load the tokenizer of the {fam.title} checkpoint, not one of another family.")
 
+
+# %% ../nbs/00_tokens.ipynb #00-tokens-014d
 def assert_special_tokens(tokenizer, # a transformers tokenizer
                           config=None, # the model config (optional): its token-id fields are checked too
                           family: str | Family | None = None, # model family whose layout to require (default: the config's)
@@ -373,6 +375,8 @@ def chatml_segments(messages: Sequence[Mapping], # chat messages: {'role', 'cont
                                 message=len(messages)))
     return segs
 
+
+# %% ../nbs/00_tokens.ipynb #00-tokens-027b
 def render_chatml(messages: Sequence[Mapping], # chat messages: {'role', 'content': str | list of parts}
                   family: str | ChatFormat = DEFAULT_FAMILY, # model family whose format to write
                   add_generation_prompt: bool = False, # end with the assistant header, for generation

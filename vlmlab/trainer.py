@@ -40,6 +40,8 @@ from .config import LOSS_TERMS, ConfigError, VLMLabConfig
 from .model import add_lora, apply_stage, assert_trainable_set, group_parameters, optimizer_groups, stage_groups
 from .families import MODULE_GROUPS, family_record
 from .hybrid import prepare_for_packing
+from .moe import ExpertUsage
+from .scale import LazyRecords
 from .vision import ResizeSpec
 
 # %% auto #0
@@ -57,7 +59,7 @@ class SampleDataset(Dataset):
     def __init__(self, records: Sequence[dict], # records of ds_output/{split}.jsonl
                  processor: ChatProcessor, # turns a record into model inputs
                 ):
-        self.records, self.processor, self.epoch = list(records), processor, 0
+        self.records, self.processor, self.epoch = records, processor, 0   # a Sequence: LazyRecords holds offsets, not records
     def set_epoch(self, epoch: int) -> None:
         "Use this epoch's teacher draws."
         self.epoch = int(epoch)
@@ -78,7 +80,7 @@ class PackDataset(Dataset):
                  lengths: Sequence[int], # token count of every record (from `prepare_data`)
                  max_tokens: int, # capacity of a pack
                 ):
-        self.records, self.processor = list(records), processor
+        self.records, self.processor = records, processor
         too_long = [(r['id'], n) for r, n in zip(self.records, lengths) if n > max_tokens]
         if too_long: raise DataError(_too_long_message(too_long, max_tokens))
         self.packs = plan_packs(lengths, max_tokens, [r['id'] for r in self.records])
@@ -125,7 +127,7 @@ def prepare_data(cfg: VLMLabConfig, # the run's config
     def records(split):
         f = root / f'{split}.jsonl'
         if not f.exists(): raise DataError(f"{f}: no such split (have: {sorted(p.stem for p in root.glob('*.jsonl'))})")
-        return [rec for _, rec, _ in read_jsonl(f)]
+        return LazyRecords(f)   # 16 bytes a record; each DataLoader worker opens the file itself
     train = records(d.train_split)
     if not train: raise DataError(f"{root / (d.train_split + '.jsonl')} holds no records")
     placeholders = d.check_placeholders   # refuse unfilled templates (`data.check_placeholders: false` turns it off)
@@ -191,6 +193,7 @@ TRAINER_HOOKS = {   # Trainer methods BBUTrainer overrides or calls: their param
     'compute_loss': (('model', 'inputs', 'return_outputs', 'num_items_in_batch'), 'every loss term, exact accumulation, the NaN stop'),
     'log': (('logs', 'start_time'), 'the loss terms, norms, data counters and loss balance in the logs'),
     'prediction_step': (('model', 'inputs', 'prediction_loss_only', 'ignore_keys'), 'the evaluation loss'),
+    'evaluate': (('eval_dataset', 'ignore_keys', 'metric_key_prefix'), 'the held-out mAP at every evaluation'),
     'create_optimizer': (('model',), 'per-group learning rates'),
     'get_optimizer_cls_and_kwargs': (('args', 'model'), 'the optimizer that args.optim names'),
 }
@@ -295,6 +298,7 @@ class BBUTrainer(Trainer):
                  stage: str | Sequence[str] = 'stage1', # the stage (checked against the gradients after the first step)
                  lrs: dict[str, float] | None = None, # learning rate per module group (default: args.learning_rate for all)
                  processor: ChatProcessor | None = None, # the training data's processor (its counters are logged)
+                 map_eval: dict | None = None, # held-out mAP at every evaluation: `vlmlab.report.heldout_map` keywords (ds_output, split, n, paths)
                  **kwargs, # everything else a Trainer takes (train_dataset, data_collator, callbacks, ...)
                 ):
         if args.fp16:
@@ -307,7 +311,8 @@ class BBUTrainer(Trainer):
             raise _hook_error(f"Trainer.__init__ no longer sets {gone} (renamed?): BBUTrainer's override would change nothing, and "
                               + '; '.join(TRAINER_ATTRIBUTES[a] for a in gone) + ' would be lost')
         self.model_accepts_loss_kwargs, self._loss_shifts_labels = True, True   # the LM loss is divided by num_items_in_batch
-        self.stage, self.processor = stage, processor
+        self.stage, self.processor, self.map_eval, self.map_predictions = stage, processor, map_eval, None
+        self.expert_usage = ExpertUsage(model, training_only=True) if family_record(model.family).moe else None   # tokens per expert
         self.lrs = lrs or {g: args.learning_rate for g in MODULE_GROUPS}
         self._acc, self._acc_keys, self._tokens, self._tokens_total, self._chat_counts = None, [], 0.0, 0.0, None
         self._steps_in_window, self._window_start, self._norm_logs = 0, None, {}
@@ -481,6 +486,9 @@ def log(self: BBUTrainer, logs: dict, start_time: float | None = None) -> None:
         logs['tokens_per_second'] = float(toks) / max(now - self._window_start, 1e-9)
         self._tokens_total += float(toks); logs['tokens_seen'] = self._tokens_total
         logs.update(self._norm_logs)
+        if self.expert_usage is not None:
+            logs.update(self.expert_usage.end_window(self.state.global_step, (lambda t: self.accelerator.reduce(t, 'sum'))
+                                                     if self.accelerator.num_processes > 1 else None))
         if self._chat_counts is not None:
             t = self._chat_counts.to(self.args.device, torch.float64)
             if self.accelerator.num_processes > 1: t = self.accelerator.reduce(t, 'sum')
@@ -510,6 +518,38 @@ def prediction_step(self: BBUTrainer, model, inputs, prediction_loss_only, ignor
     inputs = self._prepare_inputs(inputs)
     with torch.no_grad(): loss = self.compute_loss(model, inputs)
     return loss.detach(), None, None
+
+# %% ../nbs/07_trainer.ipynb #07-trainer-010p5b
+@patch
+def evaluate(self: BBUTrainer, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = 'eval') -> dict:
+    "Trainer.evaluate (the held-out loss), then, with `map_eval`, the held-out mAP of the head, the text path and the baseline."
+    metrics = super(BBUTrainer, self).evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+    if self.map_eval and eval_dataset is None and metric_key_prefix == 'eval': metrics.update(self.heldout_map())
+    return metrics
+
+@patch
+def heldout_map(self: BBUTrainer) -> dict:
+    "COCO mAP / AP50 of the model as it is now on `map_eval`'s images (rank 0, once a step), logged as eval_map_* / eval_ap50_*."
+    from vlmlab.report import MAP_GRID_IMAGES, heldout_map, map_row   # the report module (09) scores, the trainer only calls
+    step = self.state.global_step
+    done = next((h for h in reversed(self.state.log_history) if h.get('step') == step and 'eval_map_images' in h), None)
+    if done is not None: return {k: v for k, v in done.items() if k.startswith(('eval_map_', 'eval_ap50_'))}   # the last step's, again
+    if self.is_fsdp_enabled or self.is_deepspeed_enabled:   # sharded weights: a generation on rank 0 alone would wait for the others
+        if self.args.process_index == 0: warnings.warn(f"step {step}: held-out mAP skipped under FSDP / DeepSpeed: score the checkpoints "
+                                                    "afterwards with `vlmlab eval --checkpoints ...`")
+        return {}
+    logs = {}
+    if self.args.process_index == 0:
+        res = heldout_map(self.accelerator.unwrap_model(self.model), keep=MAP_GRID_IMAGES, **self.map_eval)
+        row = map_row(res)
+        logs = {'eval_map_images': row.pop('images'), 'eval_map_seconds': res['seconds'],
+                **{f'eval_{k}' if k.startswith(('map_', 'ap50_')) else f'eval_map_{k}': v for k, v in row.items()}}
+        self.map_predictions = {'step': step, 'split': res['split'], 'ds_output': str(Path(self.map_eval['ds_output']).resolve()),
+                                'items': res['predictions']}   # the report's grid of held-out images
+        self.log(dict(logs))   # TensorBoard: eval/map_head, eval/ap50_head, eval/map_text, eval/map_baseline, ...
+    self.accelerator.wait_for_everyone()
+    return logs
+
 
 # %% ../nbs/07_trainer.ipynb #07-trainer-010p6
 @patch
@@ -607,13 +647,15 @@ def training_arguments(cfg: VLMLabConfig, # the run's config
                       ) -> TrainingArguments:
     "The Trainer's arguments for a config."
     t = cfg.training
+    every = t.eval_steps if cfg.data.eval_split else 0   # evaluate during training: only with an eval split
     kw = dict(output_dir=t.output_dir, num_train_epochs=t.epochs, max_steps=t.max_steps, per_device_train_batch_size=t.per_device_batch_size,
               per_device_eval_batch_size=t.per_device_batch_size, gradient_accumulation_steps=t.gradient_accumulation_steps,
               learning_rate=max(cfg.stage.lrs.values()), weight_decay=t.weight_decay, warmup_steps=t.warmup_ratio,
               max_grad_norm=t.max_grad_norm, logging_steps=t.logging_steps, logging_first_step=True, save_strategy='steps',
               save_steps=t.save_steps, seed=t.seed, data_seed=t.seed, report_to='none', remove_unused_columns=False,
               dataloader_num_workers=t.dataloader_num_workers, dataloader_pin_memory=torch.cuda.is_available(), prediction_loss_only=True,
-              ddp_find_unused_parameters=False, use_cpu=not torch.cuda.is_available())   # use_cpu: torchrun on CPUs runs DDP over gloo
+              ddp_find_unused_parameters=False, use_cpu=not torch.cuda.is_available(),
+              eval_strategy='steps' if every else 'no', eval_steps=every or None)   # use_cpu: torchrun on CPUs runs DDP over gloo
     kw.update(overrides)
     return TrainingArguments(**kw)
 
@@ -639,7 +681,7 @@ def build_trainer(cfg: VLMLabConfig, # the run's config
     _ensure_writable(out)
     args = training_arguments(cfg, disable_tqdm=not progress, **overrides)   # first: it sets up the process group (torchrun)
     set_seed(cfg.training.seed)
-    model = load_model(cfg.model, cfg.training.detection, cfg.training.lm_weight)
+    model = load_model(cfg.model, cfg.training.detection, cfg.training.lm_weight, cfg.training.router_aux_loss_coef)
     hybrid = family_record(model.family).packing == 'linear_attention'
     if cfg.data.packing:   # packed rows: attention per sample (flash attention where installed), never through a T x T mask
         prepare_for_packing(model.vlm, cfg.model.attn_implementation)   # hybrid families: linear attention restarted per sample
@@ -650,8 +692,17 @@ def build_trainer(cfg: VLMLabConfig, # the run's config
     collator = TrainingCollator(model.tokenizer, cfg.data.packing, cfg.data.max_tokens, model.image_processor.merge_size, model.head is not None,
                                 seq_idx=hybrid)
     tb = [TensorBoardCallback(SummaryWriter(str(out / 'tensorboard')))] if args.process_index == 0 else []
-    return BBUTrainer(model, args, stage, cfg.stage.lrs, proc, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collator,
-                      callbacks=[*tb, *callbacks])
+    return BBUTrainer(model, args, stage, cfg.stage.lrs, proc, map_eval=_map_eval(cfg, model), train_dataset=train_ds, eval_dataset=eval_ds,
+                      data_collator=collator, callbacks=[*tb, *callbacks])
+
+# %% ../nbs/07_trainer.ipynb #07-trainer-012m
+def _map_eval(cfg: VLMLabConfig, model: VLMDetector) -> dict | None:
+    "`heldout_map` keywords for the run's evaluations: an eval split, training.map_images > 0, and a head or grounding answers."
+    from vlmlab.report import MAP_PATHS
+    d, n = cfg.data, cfg.training.map_images
+    if not d.eval_split or not n or (model.head is None and d.target != 'grounding'): return None
+    paths = tuple(p for p in MAP_PATHS if p != 'text' or d.target == 'grounding')   # a caption run writes no boxes
+    return {'ds_output': d.ds_output, 'split': d.eval_split, 'n': n, 'paths': paths}
 
 # %% ../nbs/07_trainer.ipynb #07-trainer-012b
 RUN_FILES = ('final', 'metrics.json', 'ablation.json', 'report', 'tensorboard')   # what a vlmlab run writes, beside checkpoint-N/
@@ -704,6 +755,14 @@ def _resume_point(out: Path, resume: bool | str, rank0: bool) -> str | None:
     if rank0: print(f"resuming from {ckpt} (step {step})", flush=True)
     return ckpt
 
+def _final_eval(trainer: BBUTrainer) -> dict:
+    "The evaluation after training: the last step's own when training.eval_steps already ran one there (not logged twice)."
+    step, hist = trainer.state.global_step, trainer.state.log_history
+    if any('eval_loss' in h and h.get('step') == step for h in hist):
+        return {k: v for h in hist if h.get('step') == step for k, v in h.items() if k.startswith('eval_')}
+    return trainer.evaluate()
+
+# %% ../nbs/07_trainer.ipynb #07-trainer-012t
 def train_from_config(cfg: VLMLabConfig, # the run's config
                       resume: bool | str = False, # True: from the last intact checkpoint in output_dir; or a checkpoint folder
                       progress: bool = True, # progress bars
@@ -730,6 +789,10 @@ def train_from_config(cfg: VLMLabConfig, # the run's config
                'final_model': str(out / 'final'), 'tensorboard': str(out / 'tensorboard')}
     if isinstance(trainer.train_dataset, PackDataset): metrics['packing'] = trainer.train_dataset.stats
     if (balance := trainer.loss_balance()) is not None: metrics['loss_balance'] = balance   # the first logged step's verdict
-    if trainer.eval_dataset is not None: metrics['eval'] = trainer.evaluate()
+    if trainer.expert_usage is not None: metrics['expert_usage'] = trainer.expert_usage.record()   # the report flags idle experts
+    if trainer.eval_dataset is not None: metrics['eval'] = _final_eval(trainer)
+    if trainer.map_eval:   # one row per evaluation step (from the log history: a resumed run keeps the earlier ones)
+        from vlmlab.report import map_history
+        metrics['map'], metrics['map_predictions'] = map_history(trainer.state.log_history), trainer.map_predictions
     if trainer.args.process_index == 0: write_atomic(out / 'metrics.json', json.dumps(metrics, indent=1, default=str).encode())
     return metrics

@@ -1,6 +1,6 @@
 """Execute a notebook with nbclient, skipping cells that carry any of the given flags (their stored outputs are kept).
 
-    python tools/execnb.py NOTEBOOK [FLAGS_TO_SKIP e.g. slow,gpu] [DEST (default: in place)]
+    python tools/run_notebook.py NOTEBOOK [FLAGS_TO_SKIP e.g. slow,gpu] [DEST (default: in place)]
 """
 import os
 import sys
