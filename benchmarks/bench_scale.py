@@ -1,7 +1,7 @@
 """Conversion and training data at LLaVA-Pretrain scale: records/s and peak memory at 10k vs 100k records, each in a fresh process.
 
 Synthetic text-only LLaVA records (one question, one answer; no images, so 100,000 of them convert in about a minute)
-are converted three ways, each in a fresh child process whose peak RSS (`ru_maxrss`) is read at its end:
+are converted three ways, each in a fresh child process whose own peak RSS (`VmHWM`; `ru_maxrss` would keep the forking parent's) is read at its end:
 
 - `convert before`: `convert` of git revision `--before` (default 702c04b, the last one whose `convert` read every
   sample, and the whole LLaVA list, before converting the first; its vlmlab/data.py loaded beside today's modules);
@@ -35,6 +35,11 @@ BEFORE = '702c04b'   # the last revision that read every sample (and validated f
 HELD = ('validate before', 'validate', 'list of dicts', 'LazyRecords')
 
 
+
+def own_peak_rss() -> int:
+    "This process's peak resident bytes (VmHWM: reset at exec, unlike ru_maxrss, which keeps the forking parent's peak)."
+    return 1024 * next(int(l.split()[1]) for l in Path('/proc/self/status').read_text().splitlines() if l.startswith('VmHWM:'))
+
 def write_inputs(folder: Path, n: int) -> tuple[Path, Path]:
     "`n` text-only LLaVA samples as a JSON list and as a parquet file."
     import datasets
@@ -63,7 +68,7 @@ def child(kind: str, src: str, out: str, before: str) -> dict:
         rng, t0, n = random.Random(0), time.perf_counter(), len(recs)
         for _ in range(20_000): recs[rng.randrange(n)]['id']
         extra = {'accesses': 20_000}
-    return {'records': n, 'seconds': time.perf_counter() - t0, 'peak_rss': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, **extra}
+    return {'records': n, 'seconds': time.perf_counter() - t0, 'peak_rss': own_peak_rss(), **extra}
 
 
 def _data_at(rev: str):
@@ -132,7 +137,7 @@ if __name__ == '__main__':
         if kind == 'baseline':
             import vlmlab.data, vlmlab.scale  # noqa: F401  the imports every other child makes
             import datasets  # noqa: F401
-            print(json.dumps({'peak_rss': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+            print(json.dumps({'peak_rss': own_peak_rss()}))
         else:
             import datasets  # noqa: F401  imported in every child, so the baseline subtracts it
             print(json.dumps(child(kind, src, out, before)))

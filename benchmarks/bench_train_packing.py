@@ -152,10 +152,11 @@ def peak_rss_child(name: str, kind: str, n: int, batch: int, epochs: int, size_m
 
 def _memory_child(name: str, kind: str, n: int, batch: int, epochs: int, size_max: int, work: str) -> None:
     "Train once on the parent's converted data (so conversion's memory is not counted) and print this process's peak RSS in MiB."
-    import resource
     hf_logging.set_verbosity_error(); hf_logging.disable_progress_bar()
     measure(name, n, batch, epochs, 1, size_max, Path(work), kinds=[kind], memory=False)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    # VmHWM: this process's own high-water mark (ru_maxrss keeps the forking parent's across exec on Linux)
+    hwm = next(int(l.split()[1]) for l in Path('/proc/self/status').read_text().splitlines() if l.startswith('VmHWM:'))
+    print(hwm / 1024)
 
 
 def run(quick: bool = False, n: int | None = None, batch: int | None = None, epochs: int | None = None,
