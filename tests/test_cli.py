@@ -114,7 +114,7 @@ def test_every_output_is_out_and_nothing_read_is_out():
         assert outputs in ([], ['--out']), (name, outputs)
         h = sp.format_help()
         for old in ('--output-dir', '--out-dir'): assert old not in h, (name, old)
-    for name in ('doctor', 'demo', 'make-shapes', 'convert', 'train', 'report', 'ablate', 'eval', 'bench'):
+    for name in ('doctor', 'demo', 'make-shapes', 'convert', 'train', 'report', 'ablate', 'eval', 'bench', 'detect', 'export'):
         assert '--out' in [a.option_strings[0] for a in subs[name]._actions if a.option_strings], name
     assert '--data' in [a.option_strings[0] for a in subs['validate']._actions if a.option_strings]
     # validate's old --out is a hidden alias of what it reads: it fills `data`, never an output

@@ -104,7 +104,10 @@ def test_report_renders_in_headless_chromium(work, ablated, tmp_path):
         assert png == (page.parent / f"{panel.replace('-', '_')}.png").read_bytes()   # the file beside the page
         decoded = int(re.search(r'data-natural-width="(\d+)"', tag).group(1))          # set by the page on load
         assert decoded == Image.open(page.parent / f"{panel.replace('-', '_')}.png").width > 0
-    assert 'FAIL' in dom or 'PASS' in dom
+    summary = re.search(r'<section id="summary">.*?</section>', page.read_text(), re.S).group(0)
+    assert summary in dom   # the browser shows the summary the report wrote, verdicts included, as written
+    rec = json.loads((work / 'run' / 'ablation.json').read_text())
+    assert ('PASS' if rec['passed'] else 'FAIL') in summary, summary
 
 
 @pytest.mark.slow

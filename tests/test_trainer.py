@@ -271,10 +271,15 @@ def test_evaluation_split_and_merged_lora_export(ds, tmp_path):
 
 
 def test_evaluation_of_a_packed_run(ds, tmp_path):
-    "With packing on, the evaluation split (plain samples) is collated into packed rows and evaluated."
+    "With packing on, the evaluation split is collated into packed rows, and its loss is the padded evaluation's."
     cfg = config(ds, tmp_path / 'run', max_steps=1)
     cfg.data.eval_split, cfg.data.packing, cfg.data.max_tokens = 'train', True, 4096
-    trained_and_evaluated(cfg)
+    tr = trained_and_evaluated(cfg)
+    assert tr.data_collator.packed
+    packed = tr.evaluate()['eval_loss']
+    tr.data_collator.packed = False   # the same samples, padded
+    padded = tr.evaluate()['eval_loss']
+    assert packed == pytest.approx(padded, rel=1e-5), (packed, padded)
 
 
 # ---- the transformers hooks the guards live in (start-up check, and each hook seen called)
