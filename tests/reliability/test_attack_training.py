@@ -224,9 +224,18 @@ def test_hub_ids_still_pass():
 DEFAULTS = {k.rsplit('.', 1)[0] + '.*' if k.startswith('stage.lrs.') else k: v for k, v in _numeric_values(VLMLabConfig())}
 
 
+def _field_type(key: str) -> str:
+    "The annotation of a config field, as written (for fields whose default is None, e.g. `float | None`)."
+    import dataclasses
+    obj = VLMLabConfig()
+    *path, name = key.split('.')
+    for p in path: obj = getattr(obj, p)
+    return str(next(f.type for f in dataclasses.fields(obj) if f.name == name))
+
+
 def _bad_values(key: str, rng) -> list:
     "Values just outside the range (the bound itself when open), and NaN / inf for float fields."
-    is_float = isinstance(DEFAULTS[key], float)
+    is_float = isinstance(DEFAULTS[key], float) if key in DEFAULTS else _field_type(key).startswith('float')
     cast = float if is_float else int
     out = [float('nan'), float('inf')] if is_float else []
     if rng.lo is not None: out.append(cast(rng.lo) if rng.lo_open else cast(rng.lo - 1))
