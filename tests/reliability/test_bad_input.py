@@ -437,9 +437,9 @@ def test_checkpoint_min_pixels_above_max(tmp_path):
 
 CONFIG_CASES = [  # (config, what the ConfigError must say, case)
     ({'stage': {'name': 'stage3'}}, "stage.name: 'stage3' is not a stage; allowed: full, head, stage1, stage2", 'unknown stage name'),
-    ({'stage': {'trainable': ['visoin']}}, "stage.trainable: unknown module group 'visoin'; allowed: vision, merger, llm, adapter, head",
+    ({'stage': {'trainable': ['visoin']}}, "stage.trainable: unknown module group 'visoin'; allowed: vision, merger, llm, experts, router, adapter, head",
      'unknown trainable module group'),
-    ({'stage': {'lrs': {'visoin': 1e-5}}}, "stage.lrs.visoin: unknown module group; allowed: vision, merger, llm, adapter, head",
+    ({'stage': {'lrs': {'visoin': 1e-5}}}, "stage.lrs.visoin: unknown module group; allowed: vision, merger, llm, experts, router, adapter, head",
      'unknown key in stage.lrs (a misspelt group would silently get no learning rate)'),
     ({'training': {'epochs': 'two'}}, "training.epochs: expected float, got str 'two'", 'string where a number is expected'),
     ({'training': {'seed': True}}, 'training.seed: expected int, got bool True', 'boolean where an integer is expected'),
