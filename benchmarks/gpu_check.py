@@ -91,20 +91,15 @@ def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
     return out
 
 
-def prepare_for_packing(vlm) -> str:
-    "What vlmlab's trainer does before packed rows (`vlmlab.hybrid.prepare_for_packing`); return the attention used."
-    from vlmlab.hybrid import prepare_for_packing as prepare
-    return prepare(vlm)
-
-
 def packed_vs_solo(family: str, attn: str, device: torch.device, dtype: torch.dtype, work: Path) -> dict:
     "Max |logit difference| between a packed row of 4 samples and their solo runs, tiny kit model of `family`."
     from transformers import AutoModelForImageTextToText
     from vlmlab.collators import PackedDataCollator, StandardDataCollator, model_inputs
+    from vlmlab.hybrid import prepare_for_packing
     from vlmlab.tiny import tiny_kit
     samples, tok, _ = kit_samples(family, work, 4, (96, 320))
     vlm = AutoModelForImageTextToText.from_pretrained(tiny_kit(family), dtype=dtype, attn_implementation=attn).to(device).eval()
-    impl = prepare_for_packing(vlm) if attn != 'flash_attention_2' else attn
+    impl = prepare_for_packing(vlm) if attn != 'flash_attention_2' else attn   # what the trainer does before packed rows
     packed = to_device(PackedDataCollator(tok.pad_token_id, flash_attn_kwargs=True)(samples), device, dtype)
     worst, scale = 0.0, 0.0
     with torch.no_grad():
@@ -160,6 +155,7 @@ def train_throughput(family: str, mode: str, lora: bool, device: torch.device, d
     "Real tokens/s and peak memory of forward + backward + AdamW steps on padded batches or packed rows of the same samples."
     from transformers import AutoModelForImageTextToText
     from vlmlab.collators import PackedDataCollator, StandardDataCollator, model_inputs, plan_packs
+    from vlmlab.hybrid import prepare_for_packing
     from vlmlab.model import add_lora
     kit_family = family
     samples, tok, ip = kit_samples(kit_family, work, 4 if dry_run else 64, (56, 112) if dry_run else (224, 896), seed=1)
@@ -170,7 +166,7 @@ def train_throughput(family: str, mode: str, lora: bool, device: torch.device, d
     cfg.text_config.vocab_size = len(tok) if dry_run else max(cfg.text_config.vocab_size, len(tok))   # real vocab on a GPU
     torch.manual_seed(0)
     vlm = AutoModelForImageTextToText.from_config(cfg, dtype=dtype, attn_implementation='sdpa').to(device).train()
-    if mode == 'packed': prepare_for_packing(vlm)
+    if mode == 'packed': prepare_for_packing(vlm)   # the trainer's packing set-up
     if lora: add_lora(vlm, r=16)
     params = [p for p in vlm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
