@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import typing
 from dataclasses import dataclass, field
@@ -19,8 +20,8 @@ from .families import MODULE_GROUPS
 from .model import LR_FALLBACK, STAGES, stage_groups
 
 # %% auto #0
-__all__ = ['LOSS_TERMS', 'POS_INT', 'CONFIG_RANGES', 'ConfigError', 'ModelConfig', 'DataConfig', 'StageConfig', 'TrainingConfig',
-           'Range', 'VLMLabConfig']
+__all__ = ['LOSS_TERMS', 'POS_INT', 'CONFIG_RANGES', 'FSDP_WORDS', 'ConfigError', 'ModelConfig', 'DataConfig', 'StageConfig',
+           'TrainingConfig', 'Range', 'VLMLabConfig']
 
 # %% ../nbs/06a_config.ipynb #06a-config-005
 class ConfigError(ValueError):
@@ -82,6 +83,9 @@ class TrainingConfig:
     lm_weight: float = 1.0                  # weight of the LM loss next to the detection loss
     dataloader_num_workers: int = 0         # processes that read, resize and process samples beside the training loop
     router_aux_loss_coef: float | None = None   # MoE load-balancing loss weight (None: the checkpoint config's; 0: off)
+    fsdp: str = ''                          # shard with FSDP through accelerate: 'full_shard' (ZeRO-3-like), 'shard_grad_op' (ZeRO-2-like), + ' offload'
+    fsdp_version: int = 2                   # 2: FSDP2 (fully_shard, per-parameter DTensors); 1: FSDP1 (deprecated by transformers)
+    deepspeed: str = ''                     # a DeepSpeed JSON config (configs/deepspeed_zero2.json, configs/deepspeed_zero3.json); '' for none
     detection: DetectionLossConfig = field(default_factory=DetectionLossConfig)  # detection loss weights
 
 LOSS_TERMS = ('loss', 'lm_loss', 'teacher_lm_loss', 'student_lm_loss', 'router_aux_loss', 'detection_loss', 'bbox_l1', 'bbox_giou', 'objectness', 'caption')   # what a run computes and logs: lm_* weighed by training.lm_weight, the rest by training.detection
@@ -135,6 +139,7 @@ CONFIG_RANGES = {   # every int / float field of the schema has an entry (`VLMLa
     'training.eval_steps': Range(0, fix='optimizer steps between evaluations, or 0 to evaluate once after training'),
     'training.map_images': Range(0, fix='held-out images scored for mAP at each evaluation (a few: each costs a generation), or 0'),
     'training.dataloader_num_workers': Range(0, 256),
+    'training.fsdp_version': Range(1, 2, fix='2 for FSDP2 (fully_shard), 1 for FSDP1'),
     'training.lm_weight': Range(0, fix='the LM loss weight, >= 0'),
     'training.router_aux_loss_coef': Range(0, fix='the MoE load-balancing weight, >= 0 (0: off; leave it out for the checkpoint config value)'),
     'training.detection.detection_bbox_weight': Range(0), 'training.detection.detection_giou_weight': Range(0),
@@ -151,6 +156,26 @@ def _numeric_values(obj, prefix: str = ''):
         elif isinstance(v, (int, float)) and not isinstance(v, bool): yield key, v
 
 # %% ../nbs/06a_config.ipynb #06a-config-011
+FSDP_WORDS = ('full_shard', 'shard_grad_op', 'offload')   # what training.fsdp may say (FSDP1 also: hybrid_shard, no_shard)
+
+def _check_sharding(t: TrainingConfig) -> None:
+    "training.fsdp words, training.deepspeed a readable JSON file, and not both; ConfigError naming the key."
+    words = t.fsdp.split()
+    allowed = FSDP_WORDS + (('hybrid_shard', 'no_shard') if t.fsdp_version == 1 else ())
+    for w in words:
+        if w not in allowed: raise ConfigError(f"training.fsdp: {w!r} is not an FSDP{t.fsdp_version} option; allowed: {', '.join(allowed)}")
+    if words and not set(words) - {'offload'}: raise ConfigError("training.fsdp: 'offload' alone; say how to shard: 'full_shard offload'")
+    if len(set(words) - {'offload'}) > 1: raise ConfigError(f"training.fsdp: {t.fsdp!r} names two sharding strategies; use one")
+    if t.deepspeed:
+        if words: raise ConfigError("training.deepspeed and training.fsdp are both set: one engine shards a run; keep one of them")
+        p = Path(t.deepspeed)
+        if not p.is_file(): raise ConfigError(f"training.deepspeed: {p}: no such file (the shipped ones: configs/deepspeed_zero2.json, "
+                                               "configs/deepspeed_zero3.json)")
+        try: ds = json.loads(p.read_text(encoding='utf-8'))
+        except (OSError, ValueError) as e: raise ConfigError(f"training.deepspeed: {p}: not a JSON file: {e}") from None
+        if not isinstance(ds, dict) or 'zero_optimization' not in ds:
+            raise ConfigError(f"training.deepspeed: {p}: no zero_optimization section (is it a DeepSpeed config?)")
+
 @dataclass
 class VLMLabConfig:
     "A whole run: model, data, stage and training."
@@ -189,6 +214,7 @@ class VLMLabConfig:
         if cfg.data.teacher_ratio > 0 and cfg.data.n_teachers < 1:
             raise ConfigError(f"data.n_teachers: 0 with data.teacher_ratio {cfg.data.teacher_ratio}: a teacher draw needs at least one "
                               "demonstration; set n_teachers >= 1 or teacher_ratio: 0")
+        _check_sharding(cfg.training)
         if cfg.training.lm_weight == 0 and not cfg.model.detection_head:
             raise ConfigError("training.lm_weight: 0 without model.detection_head leaves no loss to train; set lm_weight > 0")
         return cfg

@@ -186,7 +186,13 @@ class VLMDetector(nn.Module):
         if 'cu_seqlens' in batch and family_record(self.family).packing == 'linear_attention':
             from vlmlab.hybrid import PackingError, packing_problem
             if (why := packing_problem(self.vlm, batch)): raise PackingError(f"{self.family}: a packed row would bleed: {why}")
-        out = self.vlm(**inputs, output_hidden_states=self.head is not None, **router_logits_kwargs(self.vlm, self.router_aux_loss_coef))
+        keep = vision_keepalive(self.vlm) if self._needs_keepalive(batch) else None   # first: where an image batch runs the tower
+        hook = None   # the zero flows through the LM as image features would: every process runs the same backward (FSDP re-gathers)
+        if keep is not None and keep.requires_grad:
+            hook = self.vlm.get_input_embeddings().register_forward_hook(lambda m, a, o: o + keep.to(o.dtype))
+        try: out = self.vlm(**inputs, output_hidden_states=self.head is not None, **router_logits_kwargs(self.vlm, self.router_aux_loss_coef))
+        finally:
+            if hook is not None: hook.remove()
         res = self.head(*self.head_inputs(out.hidden_states[-1], batch)) if self.head is not None else {}
         if 'labels' not in batch and targets is None: return res
         loss = 0.0
@@ -201,13 +207,18 @@ class VLMDetector(nn.Module):
         if self.router_aux_loss_coef and 'labels' in batch:   # transformers adds the balancing loss only with labels it never sees here
             res['router_aux_loss'] = router_aux_loss(self.vlm, out, batch, num_items_in_batch)
             loss = loss + self.router_aux_loss_coef * res['router_aux_loss']
-        if self.training and not torch.is_tensor(batch.get('pixel_values')) and any(p.requires_grad for p in self.vlm.model.visual.parameters()):
-            loss = loss + vision_keepalive(self.vlm)   # no image in this batch: the vision tower still joins the graph (zero gradients)
         res['loss'] = loss
         return res
 
 
 # %% ../nbs/05_detection.ipynb #05-detection-036h
+@patch
+def _needs_keepalive(self: VLMDetector, batch: dict) -> bool:
+    "A batch without images whose peers may have some (several processes), or whose trainable vision tower needs gradients."
+    if torch.is_tensor(batch.get('pixel_values')): return False
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1: return True   # FSDP / ZeRO-3 gather per tower block
+    return self.training and any(p.requires_grad for p in self.vlm.model.visual.parameters())
+
 @patch
 def head_inputs(self: VLMDetector, hidden: torch.Tensor, batch: dict):
     "Per-sample memory: hidden states, mask (image + prompt tokens) and image-token positions."

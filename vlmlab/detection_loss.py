@@ -98,7 +98,13 @@ class DetectionLoss(nn.Module):
                  matcher: HungarianMatcher | None = None, # matcher (default: costs 5 / 2 / 1 / 1)
                 ):
         super().__init__()
-        self.head, self.cfg, self.matcher = head, config or DetectionLossConfig(), matcher or HungarianMatcher()
+        self.cfg, self.matcher = config or DetectionLossConfig(), matcher or HungarianMatcher()
+        object.__setattr__(self, '_head', head)   # read, not owned: the head's weights are the detector's (one set of state-dict keys)
+
+    @property
+    def head(self) -> DetectionHead:
+        "The head whose caption decoder the caption term reads (not a submodule: moving or saving the criterion leaves it alone)."
+        return self._head
 
     def loss_boxes(self, out, targets, idx, num_boxes):
         "bbox_l1 and bbox_giou over matched pairs, per target box."

@@ -48,7 +48,8 @@ from .vision import ResizeSpec
 __all__ = ['TESTED_TRANSFORMERS', 'STEP_GUARDS', 'TRAINER_HOOKS', 'TRAINER_ATTRIBUTES', 'STEP_HOOKS', 'RUN_FILES', 'DataError',
            'SampleDataset', 'PackDataset', 'TrainingCollator', 'prepare_data', 'NonFiniteError', 'RunExistsError',
            'TrainingInterrupted', 'TrainerHookError', 'check_trainer_hooks', 'ConsoleProgressCallback', 'BBUTrainer',
-           'training_arguments', 'build_trainer', 'run_files', 'remove_run', 'train_from_config']
+           'block_classes', 'sharding_arguments', 'training_arguments', 'build_trainer', 'run_files', 'remove_run',
+           'final_model', 'distributed_setup', 'train_from_config']
 
 # %% ../nbs/07_trainer.ipynb #07-trainer-005
 class DataError(ValueError):
@@ -196,6 +197,7 @@ TRAINER_HOOKS = {   # Trainer methods BBUTrainer overrides or calls: their param
     'evaluate': (('eval_dataset', 'ignore_keys', 'metric_key_prefix'), 'the held-out mAP at every evaluation'),
     'create_optimizer': (('model',), 'per-group learning rates'),
     'get_optimizer_cls_and_kwargs': (('args', 'model'), 'the optimizer that args.optim names'),
+    'create_accelerator_and_postprocess': ((), 'FSDP switched on for CPU processes (gloo), where accelerate would run DDP'),
 }
 TRAINER_ATTRIBUTES = {   # set by Trainer.__init__ and overridden by BBUTrainer: a renamed one would make the override a no-op
     'model_accepts_loss_kwargs': 'num_items_in_batch reaching compute_loss (exact gradient accumulation)',
@@ -325,6 +327,25 @@ class BBUTrainer(Trainer):
             self.callback_handler.remove_callback(ProgressCallback); self.add_callback(ConsoleProgressCallback)
         self.callback_handler.remove_callback(PrinterCallback)   # without a progress bar (quiet), logs go to TensorBoard and metrics only
 
+# %% ../nbs/07_trainer.ipynb #07-trainer-010cf
+@patch
+def create_accelerator_and_postprocess(self: BBUTrainer) -> None:
+    "The Trainer's accelerator; FSDP switched on for CPU processes, where accelerate would silently run DDP instead."
+    super(BBUTrainer, self).create_accelerator_and_postprocess()
+    st = self.accelerator.state
+    if self.args.fsdp_plugin_args is None or self.is_fsdp_enabled: return
+    if st.distributed_type == DistributedType.NO:
+        warnings.warn("training.fsdp with one process: nothing to shard across, the run trains unsharded (launch it with torchrun)")
+    elif st.distributed_type == DistributedType.MULTI_CPU:
+        from accelerate.state import PartialState
+        from accelerate.utils import FullyShardedDataParallelPlugin
+        st.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+        st.distributed_type, self.is_fsdp_enabled = DistributedType.FSDP, True
+        PartialState().distributed_type = DistributedType.FSDP   # every AcceleratorState() built later copies PartialState's fields
+    else: raise RuntimeError(f"training.fsdp is set, but accelerate runs {st.distributed_type.value} without its FSDP plugin: the "
+                             "model would not be sharded; launch with torchrun or accelerate launch and check the accelerate config")
+
+
 # %% ../nbs/07_trainer.ipynb #07-trainer-010p0
 @patch
 def create_optimizer(self: BBUTrainer, model=None):
@@ -396,6 +417,12 @@ def _before_optimizer_step(self: BBUTrainer, model) -> dict[str, torch.Tensor] |
     "Trainable-set check (first step), per-group gradient norms, NaN / inf stop, diagnostics on logging steps."
     if self._pre_step_done == self.state.global_step: return None
     self._pre_step_done = self.state.global_step
+    if self.is_deepspeed_enabled:   # DeepSpeed keeps the gradients in its own partitions and steps inside backward: none to read here
+        if not self._trainable_checked and self.args.process_index == 0:
+            warnings.warn("DeepSpeed: the gradient guards (trainable-set check, per-group gradient norms, NaN-gradient stop) cannot "
+                          "read DeepSpeed's gradients and are off; the loss guards stay on (use training.fsdp to keep them all)")
+        self._trainable_checked, self._steps_in_window, self.last_good_step = True, self._steps_in_window + 1, self.state.global_step + 1
+        return None
     m = self.accelerator.unwrap_model(model)
     if not self._trainable_checked:
         assert_trainable_set(m, self.stage); self._trainable_checked = True
@@ -555,6 +582,7 @@ def heldout_map(self: BBUTrainer) -> dict:
 @patch
 def _save(self: BBUTrainer, output_dir: str | None = None, state_dict=None) -> None:
     "The module's state dict, LoRA settings, config, tokenizer and image processor (`save_trainer_weights`), and the training arguments."
+    if not self.args.should_save: return   # under FSDP every process gathers the weights; rank 0 writes them
     out = Path(output_dir or self.args.output_dir)
     save_trainer_weights(self.accelerator.unwrap_model(self.model), out, state_dict)
     torch.save(self.args, out / 'training_args.bin')
@@ -593,6 +621,8 @@ def _load_from_checkpoint(self: BBUTrainer, resume_from_checkpoint, model=None) 
     folder = self._loaded_from = Path(resume_from_checkpoint)
     if str(folder) != self._verified_checkpoint: verify_checkpoint(folder, require_marker=True)   # train_from_config verified it
     check_trainable_record(folder, self._trainable_signature())
+    if self.is_fsdp_enabled:   # sharded parameters: accelerate's FSDP file of the same checkpoint, loaded into every shard
+        return super(BBUTrainer, self)._load_from_checkpoint(str(folder), model)
     load_checkpoint_weights(self.accelerator.unwrap_model(model if model is not None else self.model), folder, verify=False)   # verified above
 
 @patch
@@ -642,6 +672,31 @@ def train(self: BBUTrainer, *args, **kwargs):
     return result
 
 # %% ../nbs/07_trainer.ipynb #07-trainer-012
+def block_classes(name_or_path: str, # the model (hub id, folder, tiny-kit/<family>, or a run folder)
+                 ) -> list[str]:
+    "The transformers classes FSDP shards as units: the family's decoder layers and vision blocks (`_no_split_modules`)."
+    import transformers
+    from transformers import AutoConfig
+    from .checkpoints import model_folder
+    from .families import family_of_config
+    fam = family_of_config(AutoConfig.from_pretrained(model_folder(name_or_path)))
+    return sorted(getattr(transformers, fam.model_class)._no_split_modules)
+
+def sharding_arguments(cfg: VLMLabConfig, # the run's config
+                      ) -> dict:
+    "TrainingArguments fields for training.fsdp (accelerate's FSDP, one unit per block) or training.deepspeed; {} for neither."
+    t = cfg.training
+    if t.deepspeed: return {'deepspeed': str(t.deepspeed)}
+    if not t.fsdp: return {}
+    words = t.fsdp.split()
+    strategy = next(w for w in words if w != 'offload')
+    conf = {'version': t.fsdp_version, 'auto_wrap_policy': 'TRANSFORMER_BASED_WRAP', 'cpu_offload': 'offload' in words,
+            'transformer_layer_cls_to_wrap': block_classes(cfg.model.name_or_path),
+            'state_dict_type': 'FULL_STATE_DICT'}   # a full state dict: vlmlab's checkpoint format (one safetensors file) stays the same
+    if t.fsdp_version == 2: conf['reshard_after_forward'] = strategy == 'full_shard'
+    else: conf |= {'reshard_after_forward': strategy, 'use_orig_params': True}   # per-group learning rates and frozen groups need them
+    return {'fsdp': True, 'fsdp_config': conf}
+
 def training_arguments(cfg: VLMLabConfig, # the run's config
                        **overrides, # any TrainingArguments field, over the config's
                       ) -> TrainingArguments:
@@ -656,6 +711,7 @@ def training_arguments(cfg: VLMLabConfig, # the run's config
               dataloader_num_workers=t.dataloader_num_workers, dataloader_pin_memory=torch.cuda.is_available(), prediction_loss_only=True,
               ddp_find_unused_parameters=False, use_cpu=not torch.cuda.is_available(),
               eval_strategy='steps' if every else 'no', eval_steps=every or None)   # use_cpu: torchrun on CPUs runs DDP over gloo
+    kw.update(sharding_arguments(cfg))
     kw.update(overrides)
     return TrainingArguments(**kw)
 
@@ -680,6 +736,9 @@ def build_trainer(cfg: VLMLabConfig, # the run's config
     out = Path(overrides.get('output_dir', cfg.training.output_dir))
     _ensure_writable(out)
     args = training_arguments(cfg, disable_tqdm=not progress, **overrides)   # first: it sets up the process group (torchrun)
+    if cfg.training.deepspeed and dist.is_initialized():   # ZeRO-3 partitions while the model loads: DeepSpeed's communicator first
+        import deepspeed
+        deepspeed.init_distributed(dist_backend=dist.get_backend())
     set_seed(cfg.training.seed)
     model = load_model(cfg.model, cfg.training.detection, cfg.training.lm_weight, cfg.training.router_aux_loss_coef)
     hybrid = family_record(model.family).packing == 'linear_attention'
@@ -755,6 +814,32 @@ def _resume_point(out: Path, resume: bool | str, rank0: bool) -> str | None:
     if rank0: print(f"resuming from {ckpt} (step {step})", flush=True)
     return ckpt
 
+def final_model(trainer: BBUTrainer, # a trained trainer (every process calls this: under FSDP it gathers the weights)
+                cfg: VLMLabConfig, # the run's config
+               ) -> VLMDetector | None:
+    "The trained model, whole: the trainer's own, or under FSDP / ZeRO-3 an unsharded copy with the gathered weights (rank 0; None elsewhere)."
+    zero3 = trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3
+    if not (trainer.is_fsdp_enabled or zero3): return trainer.accelerator.unwrap_model(trainer.model)
+    state = trainer.accelerator.get_state_dict(trainer.model_wrapped if zero3 else trainer.model)   # a collective: the weights reach rank 0
+    if trainer.args.process_index != 0: return None
+    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+    if zero3: unset_hf_deepspeed_config()   # the copy loads whole, on this process alone (not partitioned by zero.Init)
+    try:
+        model = load_model(cfg.model, cfg.training.detection, cfg.training.lm_weight, cfg.training.router_aux_loss_coef)
+        if cfg.stage.lora: add_lora(model, cfg.stage.lora_r)
+    finally:
+        if zero3: set_hf_deepspeed_config(trainer.args.hf_deepspeed_config)
+    model.load_state_dict(state, strict=True)
+    return model
+
+def distributed_setup(trainer: BBUTrainer) -> dict:
+    "How the run was spread: processes and engine (fsdp2, fsdp1, deepspeed, ddp or single), as metrics.json records it."
+    st, n = trainer.accelerator.state, trainer.args.world_size
+    if trainer.is_fsdp_enabled: engine = f"fsdp{st.fsdp_plugin.fsdp_version}"
+    elif trainer.is_deepspeed_enabled: engine = f"deepspeed_zero{st.deepspeed_plugin.zero_stage}"
+    else: engine = 'ddp' if n > 1 else 'single'
+    return {'processes': n, 'engine': engine, 'backend': str(getattr(st, 'backend', None))}
+
 def _final_eval(trainer: BBUTrainer) -> dict:
     "The evaluation after training: the last step's own when training.eval_steps already ran one there (not logged twice)."
     step, hist = trainer.state.global_step, trainer.state.log_history
@@ -784,9 +869,10 @@ def train_from_config(cfg: VLMLabConfig, # the run's config
     trainer = build_trainer(cfg, progress, callbacks, **overrides)
     trainer._verified_checkpoint = ckpt   # hashed once, just above
     result = trainer.train(resume_from_checkpoint=ckpt)
-    if trainer.args.process_index == 0: export_model(trainer.accelerator.unwrap_model(trainer.model), out / 'final')
+    model = final_model(trainer, cfg)   # every process calls it: under FSDP it gathers the shards
+    if trainer.args.process_index == 0: export_model(model, out / 'final')
     metrics = {'train': result.metrics, 'resumed_from': ckpt, 'log_history': trainer.state.log_history, 'config': cfg.to_dict(),
-               'final_model': str(out / 'final'), 'tensorboard': str(out / 'tensorboard')}
+               'final_model': str(out / 'final'), 'tensorboard': str(out / 'tensorboard'), 'distributed': distributed_setup(trainer)}
     if isinstance(trainer.train_dataset, PackDataset): metrics['packing'] = trainer.train_dataset.stats
     if (balance := trainer.loss_balance()) is not None: metrics['loss_balance'] = balance   # the first logged step's verdict
     if trainer.expert_usage is not None: metrics['expert_usage'] = trainer.expert_usage.record()   # the report flags idle experts
