@@ -14,6 +14,7 @@ CONSTRAINTS ?= constraints.txt
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 NBDEV_WORKERS ?= 2
+PYTEST_WORKERS ?= 2
 export MPLBACKEND := Agg
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
@@ -55,7 +56,7 @@ nbtest: $(VENV)/.dev
 	$(BIN)/nbdev_test --n_workers $(NBDEV_WORKERS) --timing
 
 pytest: $(VENV)/.dev
-	$(BIN)/python -m pytest -q tests
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) tests   # pytest-xdist: one test process (one thread) per core
 
 test: sync-check nbtest pytest
 

@@ -24,6 +24,7 @@ import torch
 from common import alternate, medians, paired_ratio, ratio_range, set_threads, timed
 from vlmlab.chat import ProcessedSample
 from vlmlab.collators import PackedDataCollator, StandardDataCollator, packing_stats, plan_packs
+from vlmlab.trainer import with_positions
 
 IMG = 7
 
@@ -108,12 +109,17 @@ def run(quick: bool = False, n: int | None = None, max_tokens: int = 4096, colla
     flat = DataCollatorWithFlattening(return_position_ids=True)
     feats = [{'input_ids': s.input_ids.tolist(), 'labels': s.labels.tolist()} for s in samples]
     packed, standard = PackedDataCollator(0, cap), StandardDataCollator(0)
-    def fresh(group):   # a sample is collated once per epoch: drop what an earlier repeat computed on it
+    # the trainer's Dataset computes each sample's mRoPE positions (`with_positions`, in the DataLoader workers), as a
+    # tokenized dataset holds its input_ids before DataCollatorWithFlattening sees them; the last row computes them here
+    for s in samples + tokens_only: with_positions(s)
+    cold = [fake_sample(k, *mix[k], patch_dim=1) for k in range(collate_samples)]
+    def fresh(group):   # positions computed in the collator, once per epoch: drop what an earlier repeat computed
         for s in group: s.__dict__.pop('_mrope', None)
         return group
-    fns = {'vlmlab PackedDataCollator': lambda p: packed(fresh([samples[i] for i in p])),
-           'vlmlab StandardDataCollator': lambda p: standard(fresh([samples[i] for i in p])),
-           'vlmlab Packed, 1-dim pixels (tokens only)': lambda p: packed(fresh([tokens_only[i] for i in p])),
+    fns = {'vlmlab PackedDataCollator': lambda p: packed([samples[i] for i in p]),
+           'vlmlab StandardDataCollator': lambda p: standard([samples[i] for i in p]),
+           'vlmlab Packed, 1-dim pixels (tokens only)': lambda p: packed([tokens_only[i] for i in p]),
+           'vlmlab Packed, tokens only, positions in the collator': lambda p: packed(fresh([cold[i] for i in p])),
            FLAT: lambda p: flat([feats[i] for i in p])}
     secs = alternate({k: timed(lambda fn=fn: [fn(p) for p in sub]) for k, fn in fns.items()}, repeats)
     sps = {k: [collate_samples / t for t in v] for k, v in secs.items()}

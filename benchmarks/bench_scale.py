@@ -13,7 +13,8 @@ A child that imports the same modules and does nothing gives the baseline. The t
 growth from the small to the large size divided by the records between (bytes a record: flat memory reads near 0),
 and records/s. Then the converted large split is read the way training starts: `validate` before and now, and the
 records held as a list of dicts (what the trainer builds) and as `LazyRecords`, each in a fresh process, with
-random-access reads/s.
+random-access reads/s; and the first training steps (pre-flight, the tiny model, 3 optimizer steps) on the small and
+the large split, each in a fresh process: their peak memory growth per record.
 
     .venv/bin/python benchmarks/bench_scale.py [--quick] [--sizes 10000 100000] [--before REV]
 """
@@ -62,6 +63,16 @@ def child(kind: str, src: str, out: str, before: str) -> dict:
     elif kind.startswith('validate'):
         rep = (old.validate if old else validate)(Path(src).parent, progress=False)
         n = sum(rep.counts.values()); assert rep.ok, str(rep)[:500]
+    elif kind == 'first steps':   # the trainer on the converted split: pre-flight, model, 3 optimizer steps of the tiny model
+        from vlmlab.config import VLMLabConfig
+        from vlmlab.trainer import build_trainer
+        cfg = VLMLabConfig.from_dict({'model': {'name_or_path': 'tiny-kit/qwen2_5_vl', 'detection_head': False},
+                                      'data': {'ds_output': str(Path(src).parent), 'target': 'conversation', 'teacher_ratio': 0.0},
+                                      'stage': {'name': 'stage2', 'lrs': {'merger': 1e-4, 'llm': 1e-4}},
+                                      'training': {'output_dir': out, 'max_steps': 3, 'per_device_batch_size': 2, 'save_steps': 1000}})
+        tr = build_trainer(cfg, progress=False)
+        n, extra['to_first_step_seconds'] = len(tr.train_dataset), time.perf_counter() - t0
+        tr.train()
     elif kind in ('list of dicts', 'LazyRecords'):
         recs = [r for _, r, _ in read_jsonl(src)] if kind == 'list of dicts' else LazyRecords(src)
         import random
@@ -102,6 +113,7 @@ def run(quick: bool = False, sizes: tuple[int, int] | None = None, before: str =
                 res[kind, n] = measure(kind, parquet if kind == 'convert parquet' else llava, work / f'out-{kind.replace(" ", "-")}-{n}', before)
         split = work / f'out-convert-{large}' / 'train.jsonl'
         held = {kind: measure(kind, split, '', before) for kind in HELD}
+        steps = {n: measure('first steps', work / f'out-convert-{n}' / 'train.jsonl', work / f'run-{n}', before) for n in (small, large)}
     finally:
         shutil.rmtree(work, ignore_errors=True)
     mib = lambda b: b / 2**20
@@ -121,6 +133,13 @@ def run(quick: bool = False, sizes: tuple[int, int] | None = None, before: str =
         rate = f"{r['accesses'] / r['seconds']:10,.0f} reads/s" if 'accesses' in r else f"{r['records'] / r['seconds']:10,.0f} records/s"
         print(f"{kind:16} {r['records']:8,} {mib(r['peak_rss'] - base):14.1f} {rate}")
         out['held'][kind] = {'peak_minus_base_mib': mib(r['peak_rss'] - base), 'seconds': r['seconds']}
+    print(f"\nthe first training steps on each converted split (pre-flight, tiny model, 3 optimizer steps), in a fresh process")
+    for n, r in steps.items():
+        print(f"{'first steps':16} {n:8,} {mib(r['peak_rss'] - base):14.1f} {n / r['to_first_step_seconds']:10,.0f} records/s to step 1")
+    grow = (steps[large]['peak_rss'] - steps[small]['peak_rss']) / (large - small)
+    print(f"{'':16} growth {small:,} -> {large:,}: {grow:,.0f} bytes a record")
+    out['first_steps'] = {'bytes_per_record': grow, **{f'{n}': {'peak_minus_base_mib': mib(r['peak_rss'] - base),
+                                                               'to_first_step_seconds': r['to_first_step_seconds']} for n, r in steps.items()}}
     per = lambda k: max(out['convert'][k]['bytes_per_record'], 1.0)
     held_mib = lambda k: max(out['held'][k]['peak_minus_base_mib'], 0.01)
     ratios = {'convert before / convert (bytes a record)': per('convert before') / per('convert'),

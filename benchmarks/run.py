@@ -54,7 +54,9 @@ def run_all(quick: bool, only: list[str] | None = None, threads: int | None = 1)
         except Exception as e:
             traceback.print_exc()
             res = {'error': f"{type(e).__name__}: {e}"}
-        out['benchmarks'][name] = {'what': what, **res, 'seconds': round(time.perf_counter() - t0, 1)}
+        out['benchmarks'][name] = {'what': what, **res, 'seconds': round(time.perf_counter() - t0, 1),
+                                   'measured': {'at': datetime.datetime.now().astimezone().isoformat(timespec='seconds'), 'commit': m['git_commit'],
+                                                'load_average_1m_at_end': round(os.getloadavg()[0], 2) if hasattr(os, 'getloadavg') else None}}
     out['total_seconds'] = round(time.perf_counter() - t_all, 1)
     out['machine']['load_average_1m_at_end'] = round(os.getloadavg()[0], 2) if hasattr(os, 'getloadavg') else None
     return out
@@ -75,6 +77,10 @@ def markdown(res: dict) -> str:
              f"Method: {res['method']}. Absolute numbers depend on the machine and its load; the ratios are what to read. "
              "Full numbers, per-repeat values and parameters: `results.json`.", '',
              '| benchmark | ratio | value | per-repeat range | meaning |', '| --- | --- | --- | --- | --- |']
+    if res.get('partial_run'):
+        lines[2] += (f" This run measured {', '.join(res['partial_run'])}; the other rows are from their own last run: " + '; '.join(
+            f"{n} on {b['measured']['at'][:16]} at commit {b['measured']['commit']} (load {b['measured']['load_average_1m_at_end']} at its end)"
+            for n, b in res['benchmarks'].items() if n not in res['partial_run'] and b.get('measured')) + '.')
     for name, b in res['benchmarks'].items():
         if 'error' in b:
             lines.append(f"| {name} | FAILED | - | - | {b['error']} |"); continue
@@ -112,6 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     res = run_all(a.quick, a.only, a.threads)
     out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
+    if a.only and (out / 'results.json').is_file():   # the other benchmarks keep their last run (each entry says when and where it ran)
+        old = json.loads((out / 'results.json').read_text())
+        if old.get('mode') == res['mode']:
+            res['benchmarks'] = {n: res['benchmarks'].get(n) or old['benchmarks'][n] for n in BENCHMARKS if n in res['benchmarks'] or n in old.get('benchmarks', {})}
+            res['partial_run'] = sorted(a.only)
     (out / 'results.json').write_text(json.dumps(res, indent=1) + '\n')
     md = markdown(res)
     (out / 'RESULTS.md').write_text(md)

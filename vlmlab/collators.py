@@ -66,8 +66,8 @@ def sample_mrope(sample: ProcessedSample, # a processed sample
                  spatial_merge_size: int = 2, # the merger's spatial merge size
                 ) -> torch.Tensor:
     "The sample's (3, L) mRoPE positions, computed once per sample (the image check and the packed positions share them)."
-    mm, g = sample.mm_token_type_ids, sample.image_grid_thw   # the key sees replaced and edited tensors alike
-    key = (spatial_merge_size, id(mm), mm._version, len(mm), None if g is None else (id(g), g._version, str(g.tolist())))
+    mm, g = sample.mm_token_type_ids, sample.image_grid_thw   # the key is the content: it sees edits and survives pickling (workers)
+    key = (spatial_merge_size, mm.dtype, mm.contiguous().numpy().tobytes(), None if g is None else g.contiguous().numpy().tobytes())
     cached = sample.__dict__.get('_mrope')
     if cached is not None and cached[0] == key: return cached[1]
     try: mrope = mrope_position_ids(sample.mm_token_type_ids, sample.image_grid_thw, spatial_merge_size)

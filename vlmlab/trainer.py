@@ -29,7 +29,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from fastcore.basics import patch
 
 from .chat import ChatError, ChatProcessor, ChatStats
-from .collators import PackedDataCollator, StandardDataCollator, packing_stats, plan_packs
+from .collators import PackedDataCollator, StandardDataCollator, packing_stats, plan_packs, sample_mrope
 from .data import read_jsonl, validate, write_atomic
 from .detection import VLMDetector
 from .detection_loss import BALANCE_RATIO, BALANCE_TERMS, check_loss_balance, detection_targets, loss_balance_ratio
@@ -46,26 +46,33 @@ from .vision import ResizeSpec
 
 # %% auto #0
 __all__ = ['TESTED_TRANSFORMERS', 'STEP_GUARDS', 'TRAINER_HOOKS', 'TRAINER_ATTRIBUTES', 'STEP_HOOKS', 'RUN_FILES', 'DataError',
-           'SampleDataset', 'PackDataset', 'TrainingCollator', 'prepare_data', 'NonFiniteError', 'RunExistsError',
-           'TrainingInterrupted', 'TrainerHookError', 'check_trainer_hooks', 'ConsoleProgressCallback', 'BBUTrainer',
-           'block_classes', 'sharding_arguments', 'training_arguments', 'build_trainer', 'run_files', 'remove_run',
-           'final_model', 'distributed_setup', 'train_from_config']
+           'with_positions', 'SampleDataset', 'PackDataset', 'TrainingCollator', 'prepare_data', 'NonFiniteError',
+           'RunExistsError', 'TrainingInterrupted', 'TrainerHookError', 'check_trainer_hooks',
+           'ConsoleProgressCallback', 'BBUTrainer', 'block_classes', 'sharding_arguments', 'training_arguments',
+           'build_trainer', 'run_files', 'remove_run', 'final_model', 'distributed_setup', 'train_from_config']
 
 # %% ../nbs/07_trainer.ipynb #07-trainer-005
 class DataError(ValueError):
     "Training data that cannot be trained on; the message names every offending sample."
 
+def with_positions(sample, spatial_merge_size: int = 2):
+    "The sample with its mRoPE positions computed (cached on it): in the Dataset, so in the DataLoader workers, not the collator."
+    sample_mrope(sample, spatial_merge_size)
+    return sample
+
 class SampleDataset(Dataset):
     "Converted records, processed on access with the current epoch's teacher draw."
     def __init__(self, records: Sequence[dict], # records of ds_output/{split}.jsonl
                  processor: ChatProcessor, # turns a record into model inputs
+                 spatial_merge_size: int = 2, # the merger's spatial merge size (the mRoPE positions are computed here)
                 ):
         self.records, self.processor, self.epoch = records, processor, 0   # a Sequence: LazyRecords holds offsets, not records
+        self.spatial_merge_size = spatial_merge_size
     def set_epoch(self, epoch: int) -> None:
         "Use this epoch's teacher draws."
         self.epoch = int(epoch)
     def __len__(self) -> int: return len(self.records)
-    def __getitem__(self, i: int): return self.processor(self.records[i], epoch=self.epoch)
+    def __getitem__(self, i: int): return with_positions(self.processor(self.records[i], epoch=self.epoch), self.spatial_merge_size)
 
 def _too_long_message(too_long: list[tuple[str, int]], max_tokens: int) -> str:
     "The one-line error for samples longer than the packing budget."
@@ -80,14 +87,15 @@ class PackDataset(Dataset):
                  processor: ChatProcessor, # turns a record into model inputs
                  lengths: Sequence[int], # token count of every record (from `prepare_data`)
                  max_tokens: int, # capacity of a pack
+                 spatial_merge_size: int = 2, # the merger's spatial merge size (the mRoPE positions are computed here)
                 ):
-        self.records, self.processor = records, processor
+        self.records, self.processor, self.spatial_merge_size = records, processor, spatial_merge_size
         too_long = [(r['id'], n) for r, n in zip(self.records, lengths) if n > max_tokens]
         if too_long: raise DataError(_too_long_message(too_long, max_tokens))
         self.packs = plan_packs(lengths, max_tokens, [r['id'] for r in self.records])
         self.stats = packing_stats(lengths, self.packs, max_tokens)
     def __len__(self) -> int: return len(self.packs)
-    def __getitem__(self, i: int): return [self.processor(self.records[j], epoch=0) for j in self.packs[i]]
+    def __getitem__(self, i: int): return [with_positions(self.processor(self.records[j], epoch=0), self.spatial_merge_size) for j in self.packs[i]]
 
 @dataclass
 class TrainingCollator:
@@ -145,12 +153,13 @@ def prepare_data(cfg: VLMLabConfig, # the run's config
     advice = proc.stats.advice()
     for a in advice: warnings.warn(f"pre-flight: {a}")
     proc.stats = ChatStats()   # the pre-flight pass is not an epoch
-    ds = PackDataset(train, proc, lengths, d.max_tokens) if d.packing else SampleDataset(train, proc)
+    merge = model.image_processor.merge_size
+    ds = PackDataset(train, proc, lengths, d.max_tokens, merge) if d.packing else SampleDataset(train, proc, merge)
     ev = None
     if d.eval_split:
         eproc = ChatProcessor(model.tokenizer, model.image_processor, model.family, root, d.max_length, d.target,
                               check_placeholders=placeholders)
-        ev = SampleDataset(records(d.eval_split), eproc)
+        ev = SampleDataset(records(d.eval_split), eproc, merge)
     return ds, ev, proc
 
 # %% ../nbs/07_trainer.ipynb #07-trainer-009
