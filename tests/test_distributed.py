@@ -33,13 +33,14 @@ def ds(tmp_path_factory):
     return work / 'ds'
 
 
-def _cfg(path: Path, ds, out, **training) -> Path:
+def _cfg(path: Path, ds, out, lora: bool = False, **training) -> Path:
     t = {'output_dir': str(out), 'max_steps': 4, 'per_device_batch_size': 2, 'logging_steps': 1, 'save_steps': 2, 'warmup_ratio': 0.0,
          **training}
     path.write_text(yaml.safe_dump({
         'model': {'name_or_path': 'tiny-kit/qwen2_5_vl', 'detection_head': True, 'head_d_model': 32, 'num_queries': 4},
         'data': {'ds_output': str(ds), 'target': 'grounding', 'teacher_ratio': 0.5},
-        'stage': {'name': 'stage2', 'lrs': {'merger': 1e-3, 'llm': 1e-3, 'adapter': 1e-3, 'head': 1e-3}}, 'training': t}))
+        'stage': {'name': 'stage2', 'lrs': {'merger': 1e-3, 'llm': 1e-3, 'adapter': 1e-3, 'head': 1e-3}, 'lora': lora, 'lora_r': 4},
+        'training': t}))
     return path
 
 
@@ -107,6 +108,20 @@ def test_fsdp2_gives_the_losses_of_one_process_and_ddp_exports_and_resumes(ds, o
     m = _metrics(tmp_path / 'fsdp')
     assert m['resumed_from'].endswith('checkpoint-2') and m['distributed']['engine'] == 'fsdp2'
     _close(runs['fsdp'], _logged(tmp_path / 'fsdp'), [3, 4])
+
+
+@pytest.mark.slow
+def test_fsdp2_with_lora_exports_the_merged_weights_of_ddp(ds, tmp_path, vlmlab_bin):
+    "LoRA adapters sharded with their frozen base: the gathered state loads into a fresh LoRA model, merged at export as under DDP."
+    for name, extra in (('ddp', {}), ('fsdp', {'fsdp': 'full_shard'})):
+        _train(_cfg(tmp_path / f'{name}.yaml', ds, tmp_path / name, lora=True, max_steps=2, save_steps=1000, **extra), vlmlab_bin, 2)
+    a, b = (load_file(str(tmp_path / n / 'final' / 'model.safetensors')) for n in ('ddp', 'fsdp'))
+    assert a.keys() == b.keys() and not any('lora_' in k for k in a)
+    ref = load_file(str(Path(tiny_kit('qwen2_5_vl')) / 'model.safetensors'))
+    moved = [k for k in a if k in ref and not torch.equal(a[k], ref[k])]
+    assert moved, 'the merged export equals the base model: the adapters did not reach it'
+    assert max(float((a[k].float() - b[k].float()).abs().max()) for k in a) < 1e-5
+    _close(_logged(tmp_path / 'ddp'), _logged(tmp_path / 'fsdp'), [1, 2])
 
 
 @pytest.mark.slow
