@@ -28,7 +28,8 @@ BENCHMARKS = {'packing': ('bench_packing', 'packing efficiency and collation thr
                                            'DataCollatorWithFlattening / the lower bound'),
               'train_packing': ('bench_train_packing', 'training tokens/s and peak memory, packed vs padded: tiny, mid_512x4, hybrid Qwen3.5'),
               'trainer': ('bench_trainer', 'BBUTrainer overhead vs a plain transformers Trainer'),
-              'convert': ('bench_convert', 'conversion throughput vs bare PIL')}
+              'convert': ('bench_convert', 'conversion throughput vs bare PIL'),
+              'loader': ('bench_loader', 'the training data pipeline in 2 DataLoader workers vs in the training process')}
 NOT_RUN = ('bench_detection.py (held-out detection quality against trivial baselines, not a speed ratio; 1,500 training steps '
            'through BBUTrainer) runs on its own and writes results/detection.json with its own training time; gpu_check.py '
            '(`make gpu-check`) needs a GPU and writes results/gpu.json.')

@@ -9,7 +9,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
-BENCHMARKS = ('packing', 'train_packing', 'trainer', 'convert')
+BENCHMARKS = ('packing', 'train_packing', 'trainer', 'convert', 'loader')
 
 
 @pytest.mark.slow
