@@ -19,7 +19,7 @@ export MPLBACKEND := Agg
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test sync-check nbtest pytest readme bench clean help
+.PHONY: demo test sync-check nbtest pytest readme bench clean help test-deepspeed
 
 help:
 	@echo "make demo   - set up .venv and run the end-to-end demo"
@@ -94,3 +94,9 @@ docs: $(VENV)/.dev
 .PHONY: gpu-check
 gpu-check: $(VENV)/.dev
 	$(BIN)/python benchmarks/gpu_check.py
+
+# DeepSpeed is not a dependency (an sdist built against the installed torch): this installs it and runs the ZeRO-2 / ZeRO-3
+# tests of tests/test_distributed.py, which make test skips without it (2 CPU processes over gloo; on GPUs, NCCL)
+test-deepspeed: $(VENV)/.dev
+	DS_BUILD_OPS=0 $(PIP) install $(PIP_C) --no-build-isolation deepspeed==0.19.8 hjson ninja py-cpuinfo msgpack
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q tests/test_distributed.py -k deepspeed

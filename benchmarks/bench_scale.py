@@ -59,7 +59,11 @@ def child(kind: str, src: str, out: str, before: str) -> dict:
     from vlmlab.scale import LazyRecords
     old = _data_at(before) if kind.endswith(' before') else None
     t0, n, extra = time.perf_counter(), 0, {}
-    if kind.startswith('convert'): n = (old.convert if old else convert)(src, out, progress=False).inputs
+    if kind == 'convert for training':   # for the tiny model the first steps train (validate checks the resize spec)
+        from vlmlab.tiny import tiny_kit
+        from vlmlab.vision import ResizeSpec
+        n = convert(src, out, ResizeSpec.from_pretrained(tiny_kit('qwen2_5_vl')), progress=False).inputs
+    elif kind.startswith('convert'): n = (old.convert if old else convert)(src, out, progress=False).inputs
     elif kind.startswith('validate'):
         rep = (old.validate if old else validate)(Path(src).parent, progress=False)
         n = sum(rep.counts.values()); assert rep.ok, str(rep)[:500]
@@ -68,7 +72,7 @@ def child(kind: str, src: str, out: str, before: str) -> dict:
         from vlmlab.trainer import build_trainer
         cfg = VLMLabConfig.from_dict({'model': {'name_or_path': 'tiny-kit/qwen2_5_vl', 'detection_head': False},
                                       'data': {'ds_output': str(Path(src).parent), 'target': 'conversation', 'teacher_ratio': 0.0},
-                                      'stage': {'name': 'stage2', 'lrs': {'merger': 1e-4, 'llm': 1e-4}},
+                                      'stage': {'name': 'stage2', 'lrs': {'merger': 1e-4, 'llm': 1e-4, 'adapter': 1e-4, 'head': 1e-4}},
                                       'training': {'output_dir': out, 'max_steps': 3, 'per_device_batch_size': 2, 'save_steps': 1000}})
         tr = build_trainer(cfg, progress=False)
         n, extra['to_first_step_seconds'] = len(tr.train_dataset), time.perf_counter() - t0
@@ -113,7 +117,8 @@ def run(quick: bool = False, sizes: tuple[int, int] | None = None, before: str =
                 res[kind, n] = measure(kind, parquet if kind == 'convert parquet' else llava, work / f'out-{kind.replace(" ", "-")}-{n}', before)
         split = work / f'out-convert-{large}' / 'train.jsonl'
         held = {kind: measure(kind, split, '', before) for kind in HELD}
-        steps = {n: measure('first steps', work / f'out-convert-{n}' / 'train.jsonl', work / f'run-{n}', before) for n in (small, large)}
+        for n in (small, large): measure('convert for training', work / f'in{n}' / 'llava.json', work / f'tiny-{n}', before)
+        steps = {n: measure('first steps', work / f'tiny-{n}' / 'train.jsonl', work / f'run-{n}', before) for n in (small, large)}
     finally:
         shutil.rmtree(work, ignore_errors=True)
     mib = lambda b: b / 2**20
