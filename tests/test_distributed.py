@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
 from vlmlab.config import ConfigError, VLMLabConfig
-from vlmlab.data import convert, make_shapes
+from vlmlab.data import convert
 from vlmlab.tiny import tiny_kit
 from vlmlab.vision import ResizeSpec
 
@@ -23,14 +23,6 @@ REPO = Path(__file__).resolve().parent.parent
 TERMS = ('loss', 'lm_loss', 'teacher_lm_loss', 'student_lm_loss', 'detection_loss', 'bbox_l1', 'bbox_giou', 'objectness', 'caption',
          'grad_norm/llm', 'grad_norm/head', 'weight_norm/llm')
 TORCHRUN = str(Path(sys.executable).parent / 'torchrun')
-
-
-@pytest.fixture(scope='module')
-def ds(tmp_path_factory):
-    work = tmp_path_factory.mktemp('shapes')
-    make_shapes(work / 'raw', n=16, seed=3, old_format=0, size_range=(112, 200), max_objects=3)
-    convert(work / 'raw', work / 'ds', ResizeSpec.from_pretrained(tiny_kit('qwen2_5_vl')), progress=False)
-    return work / 'ds'
 
 
 def _cfg(path: Path, ds, out, lora: bool = False, **training) -> Path:

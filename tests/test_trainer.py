@@ -13,24 +13,13 @@ import torch
 import yaml
 from transformers import TrainerCallback
 
-from vlmlab.data import convert, make_shapes
 from vlmlab.checkpoints import checkpoint_complete, last_good_checkpoint
 from vlmlab.config import VLMLabConfig
 from vlmlab.model import TrainableSetError
-from vlmlab.tiny import tiny_kit
 from vlmlab.trainer import BBUTrainer, NonFiniteError, TrainingCollator, build_trainer
 from vlmlab.lm_loss import lm_loss_terms
-from vlmlab.vision import ResizeSpec
 
 TERMS = ('loss', 'lm_loss', 'teacher_lm_loss', 'student_lm_loss', 'detection_loss', 'bbox_l1', 'bbox_giou', 'objectness', 'caption')
-
-
-@pytest.fixture(scope='module')
-def ds(tmp_path_factory):
-    work = tmp_path_factory.mktemp('shapes')
-    make_shapes(work / 'raw', n=16, seed=3, old_format=0, size_range=(112, 200), max_objects=3)
-    convert(work / 'raw', work / 'ds', ResizeSpec.from_pretrained(tiny_kit('qwen2_5_vl')), progress=False)
-    return work / 'ds'
 
 
 def config(ds, out, **training):

@@ -176,6 +176,8 @@ def _check_sharding(t: TrainingConfig) -> None:
         if not isinstance(ds, dict) or 'zero_optimization' not in ds:
             raise ConfigError(f"training.deepspeed: {p}: no zero_optimization section (is it a DeepSpeed config?)")
 
+
+# %% ../nbs/06a_config.ipynb #06a-config-011b
 @dataclass
 class VLMLabConfig:
     "A whole run: model, data, stage and training."

@@ -74,6 +74,8 @@ class SampleDataset(Dataset):
     def __len__(self) -> int: return len(self.records)
     def __getitem__(self, i: int): return with_positions(self.processor(self.records[i], epoch=self.epoch), self.spatial_merge_size)
 
+
+# %% ../nbs/07_trainer.ipynb #07-trainer-005b
 def _too_long_message(too_long: list[tuple[str, int]], max_tokens: int) -> str:
     "The one-line error for samples longer than the packing budget."
     (sid, n), more = max(too_long, key=lambda t: t[1]), len(too_long) - 1
@@ -706,6 +708,8 @@ def sharding_arguments(cfg: VLMLabConfig, # the run's config
     else: conf |= {'reshard_after_forward': strategy, 'use_orig_params': True}   # per-group learning rates and frozen groups need them
     return {'fsdp': True, 'fsdp_config': conf}
 
+
+# %% ../nbs/07_trainer.ipynb #07-trainer-012a
 def training_arguments(cfg: VLMLabConfig, # the run's config
                        **overrides, # any TrainingArguments field, over the config's
                       ) -> TrainingArguments:
