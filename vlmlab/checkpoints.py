@@ -243,7 +243,7 @@ def save_trainer_weights(model: VLMDetector, # the trained module (unwrapped fro
     from safetensors.torch import save_model as save_safetensors_model
     out = Path(folder); out.mkdir(parents=True, exist_ok=True)
     if state_dict is None: save_safetensors_model(model, str(out / TRAINER_WEIGHTS))   # tied / shared tensors stored once
-    else: save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items() if not k.startswith('criterion.')}, str(out / TRAINER_WEIGHTS))
+    else: save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(out / TRAINER_WEIGHTS))
     write_lora_settings(model, out)
     model.vlm.config.save_pretrained(out); model.tokenizer.save_pretrained(out); model.image_processor.save_pretrained(out)
 
@@ -340,7 +340,6 @@ def load_checkpoint_weights(model: VLMDetector, # the model to load into (same s
     try: missing, unexpected = load_safetensors_model(model, str(f), strict=False)
     except Exception as e:   # safetensors raises its own error type, without the file name
         raise CheckpointError(f"{f}: cannot be read as safetensors ({str(e).splitlines()[0][:200]})") from None
-    missing = [k for k in missing if not k.startswith('criterion.')]   # the criterion shares the head's tensors
     if missing or unexpected:
         raise CheckpointError(f"{folder}: checkpoint does not fit the model (head / LoRA / family differ?): missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}")
