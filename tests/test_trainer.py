@@ -415,3 +415,19 @@ def test_a_checkpoint_in_the_layout_written_before_the_checkpoints_module_still_
     with torch.no_grad():
         diff = (load_eval_model(ck).vlm(input_ids=ids).logits - m.vlm.eval()(input_ids=ids).logits).abs().max().item()
     assert diff < 1e-6, diff
+
+
+def test_training_order_is_the_trainers_own_shuffle_held_as_a_tensor(ds, tmp_path, monkeypatch):
+    from transformers import Trainer
+    from vlmlab.trainer import PermutationSampler
+    mine = build_trainer(config(ds, tmp_path / 'mine'), progress=False).get_train_dataloader()
+    monkeypatch.setattr(BBUTrainer, '_get_train_sampler', Trainer._get_train_sampler)   # the Trainer's RandomSampler, made seedable by accelerate
+    theirs = build_trainer(config(ds, tmp_path / 'theirs'), progress=False).get_train_dataloader()
+    a, b = mine.batch_sampler.sampler, theirs.batch_sampler.sampler
+    assert isinstance(a, PermutationSampler) and type(b).__name__ == 'SeedableRandomSampler'
+    for epoch in range(3):   # through the data loaders, epoch after epoch: the same records in the same order
+        assert a.epoch == b.epoch == epoch
+        ours, trainers = list(mine), list(theirs)   # each loader to its end (zip would leave the second one unfinished)
+        assert len(ours) == 4 and all(torch.equal(x['input_ids'], y['input_ids']) for x, y in zip(ours, trainers))
+    orders = [list(a) for _ in range(2)]
+    assert orders[0] != orders[1] and sorted(orders[0]) == list(range(16))

@@ -116,12 +116,25 @@ def split_files(split: str) -> tuple[str, str, str]:
 
 def _sha(data: bytes) -> str: return hashlib.sha256(data).hexdigest()
 
+def _sha_and_lines(path: Path) -> tuple[str, int]:
+    "sha256 of a file and its count of non-blank lines, read a line at a time (a split's records are never held whole)."
+    h, n = hashlib.sha256(), 0
+    with open(path, 'rb') as f:
+        for line in f: h.update(line); n += bool(line.strip())
+    return h.hexdigest(), n
+
 def _inside(root: Path, rel: Any) -> Path | None:
     "The file `rel` names under `root`, or None if it is not a relative path that stays inside (symlinks resolved)."
     if not isinstance(rel, str) or not rel or Path(rel).is_absolute() or '..' in Path(rel).parts: return None
     try: full = (root / rel).resolve()
     except (OSError, ValueError, RuntimeError): return None
     return full if full.is_relative_to(root.resolve()) else None
+
+def _fsync_file(path: Path) -> None:
+    "Flush a complete file to disk before it is renamed into place."
+    fd = os.open(path, os.O_RDONLY)
+    try: os.fsync(fd)
+    finally: os.close(fd)
 
 def _fsync_dir(folder: Path) -> None:
     try:
@@ -133,7 +146,7 @@ def _fsync_dir(folder: Path) -> None:
 # %% ../nbs/01b_commit.ipynb #01b-commit-014a
 def commit_split(out_dir: str | Path, # the output folder (its lock held)
                  split: str, # split name
-                 files: dict[str, bytes], # the contents of `split_files(split)`
+                 files: dict[str, bytes | Path], # `split_files(split)`: contents, or a complete file in `out_dir` (moved into place)
                  images: dict[str, str], # every stored image of the split: relative path -> sha256
                  counts: dict[str, int], # inputs, written, rejected
                  run_id: str, # the run that made them
@@ -142,12 +155,16 @@ def commit_split(out_dir: str | Path, # the output folder (its lock held)
     "Publish a split: every file written under a temporary name, the manifest last, then renames with the manifest last."
     out = Path(out_dir)
     assert set(files) == set(split_files(split)), f"commit_split needs exactly {split_files(split)}"
-    manifest = {'split': split, 'run_id': run_id, 'created': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
-                'counts': counts, 'files': {n: _sha(b) for n, b in files.items()}, 'images': images}
+    moved = {n: Path(v) for n, v in files.items() if isinstance(v, Path)}   # a spool: hashed as it lies, renamed, never read whole
+    if bad := [str(p) for p in moved.values() if p.parent.resolve() != out.resolve() or not p.is_file()]:
+        raise ValueError(f"commit_split moves only complete files inside {out}, got {bad}")
+    manifest = {'split': split, 'run_id': run_id, 'created': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()), 'counts': counts,
+                'files': {n: _sha_and_lines(moved[n])[0] if n in moved else _sha(b) for n, b in files.items()}, 'images': images}
     staged = list(files.items()) + [(f'{split}.manifest.json', json.dumps(manifest, indent=1, ensure_ascii=False).encode())]
     temps = []
     try:
         for name, data in staged:   # complete, fsynced files under hidden names (a dead run's are removed as stale temps)
+            if name in moved: _fsync_file(moved[name]); temps.append(moved[name]); continue
             temps.append(out / f'.{name}.staged.tmp-{os.getpid()}')
             (write or write_atomic)(temps[-1], data)
         for tmp, (name, _) in zip(temps, staged): os.replace(tmp, out / name)   # the manifest last
@@ -190,12 +207,11 @@ def check_manifest(out_dir: str | Path, # the output folder
     for name in split_files(split):
         p = out / name
         if not p.is_file(): problems.append(f"{name} is missing"); continue
-        data = p.read_bytes()
-        if _sha(data) != m['files'].get(name):
+        sha, n = _sha_and_lines(p)   # streamed: a split's records are never held whole
+        if sha != m['files'].get(name):
             problems.append(f"{name} is not the file run {run} committed (sha256 differs: replaced by another run, a run "
                             "stopped between renames, or edited)")
         elif name.endswith('.jsonl'):
-            n = sum(1 for line in data.splitlines() if line.strip())
             want = m['counts'].get('written' if name == f'{split}.jsonl' else 'rejected')
             if n != want: problems.append(f"{name} holds {n} lines, the manifest counts {want}")
     if check_images:

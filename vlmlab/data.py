@@ -802,8 +802,9 @@ def _input_samples(inputs, fmt: str, migrate_old: bool, image_root, out: Path, s
 
 # %% ../nbs/02_data.ipynb #02-data-027s
 def _unique_ids(samples: Iterable[Sample]) -> Iterator[Sample]:
-    "The samples, a repeated id marked as the duplicate it is, without holding the samples (a set of ids)."
-    seen: set[str] = set()
+    "The samples, a repeated id marked as the duplicate it is, without holding the samples (16 bytes an id: a `DigestSet`)."
+    from vlmlab.scale import DigestSet
+    seen = DigestSet()
     for s in samples:
         if s.error is None and s.id in seen: s.error = f"{s.source}: duplicate id {s.id!r} (ids name the stored images)"
         seen.add(s.id); yield s
@@ -852,7 +853,7 @@ def convert_samples(samples: Iterable[Sample], # input samples (a generator is r
                         if staged: _drop_staged(s, Path(staged))
                     inputs += len(block); bar.update(len(block))
                     block = list(islice(stream, chunk))
-            summary = _commit(out, split, spool.read_bytes(), rejects, images, notes, spec.to_dict(), inputs, written, run_id)
+            summary = _commit(out, split, spool, rejects, images, notes, spec.to_dict(), inputs, written, run_id)
         finally: spool.unlink(missing_ok=True)
     return summary
 
@@ -862,7 +863,7 @@ def _drop_staged(sample: Sample, staged: Path) -> None:
     for p in sample.image_paths:
         if p.parent == staged: p.unlink(missing_ok=True)
 
-def _commit(out: Path, split: str, lines: bytes, rejects: list[dict], images: dict[str, str], notes: dict[str, list],
+def _commit(out: Path, split: str, lines: bytes | Path, rejects: list[dict], images: dict[str, str], notes: dict[str, list],
             resize: dict, inputs: int, written: int, run_id: str) -> ConversionSummary:
     "Count, check the balance, and commit a split exactly as `convert` commits it (lock held)."
     reasons: dict[str, int] = {}
@@ -1046,13 +1047,13 @@ def validate(out_dir: str | Path = 'ds_output', # the ds_output folder
             ) -> ValidationReport:
     "Check every split's manifest, every record of every split, and look for leakage between splits."
     if not near_duplicate_difference >= 0: raise ValueError(f"near_duplicate_difference must be >= 0, got {near_duplicate_difference}")
-    from vlmlab.scale import LazyRecords   # the valid records are kept as offsets into the file, not as dicts
+    from vlmlab.scale import DigestSet, LazyRecords   # valid records kept as offsets into the file, ids as 16-byte digests
     root = Path(out_dir)
     files = sorted(p for p in root.glob('*.jsonl') if not p.name.endswith('.rejects.jsonl'))
     if not files: return ValidationReport(str(root), {}, [f"{root}: no {{split}}.jsonl files (run vlmlab convert first)"], [])
     counts, errors, splits, manifest, extra = {}, [], {}, [], tokenizer_specials(tokenizer)
     for f in files:
-        split, ids, good = f.stem, set(), []
+        split, ids, bad = f.stem, DigestSet(), []   # positions of the invalid records (the valid ones are the rest)
         try: check_manifest(root, split, check_images=False)   # the records vouch for their images' hashes below
         except ManifestError as e: manifest.append(str(e))
         n_lines = 0
@@ -1060,16 +1061,18 @@ def validate(out_dir: str | Path = 'ds_output', # the ds_output folder
             n_lines += 1
             rid = rec.get('id') if isinstance(rec, dict) else None
             where = f"{f.name}:{n} ({rid!r})"
-            if err: errors.append(f"{where}: {err}"); continue
+            if err: errors.append(f"{where}: {err}"); bad.append(k); continue
             try:
                 check_record(rec, root, spec, check_images, extra)
                 if rid in ids: raise Reject(f"duplicate id {rid!r}")
-            except ValueError as e: errors.append(f"{where}: {e}"); continue
-            ids.add(rid); good.append(k)
+            except ValueError as e: errors.append(f"{where}: {e}"); bad.append(k); continue
+            ids.add(rid)
         if not n_lines:
             errors.append(f"{f.name}: 0 records: nothing to train on (every input rejected? see {split}.rejects.jsonl and "
                           f"{split}.summary.json; a wrong --image-root is the usual cause)")
-        counts[split], splits[split] = len(good), LazyRecords(f).select(good)   # read again by the leak checks
+        every, skip = LazyRecords(f), set(bad)   # the valid records, read again by the leak checks
+        counts[split] = len(every) - len(bad)
+        splits[split] = every.select(i for i in range(len(every)) if i not in skip) if bad else every
     for mf in sorted(root.glob('*.manifest.json')):   # a committed split whose records file is gone
         if not (root / f"{mf.name[:-len('.manifest.json')]}.jsonl").exists():
             try: check_manifest(root, mf.name[:-len('.manifest.json')], check_images=False)

@@ -5,12 +5,14 @@
 # %% ../nbs/02a_leakage.ipynb #02a-leakage-003
 from __future__ import annotations
 
+import hashlib
 import re
 import unicodedata
+from array import array
 from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
@@ -19,7 +21,7 @@ from tqdm.auto import tqdm
 from .vision import as_image
 
 # %% auto #0
-__all__ = ['normalize_text', 'record_text', 'stored_images', 'find_leaks', 'ImageFingerprint', 'image_fingerprint',
+__all__ = ['normalize_text', 'record_text', 'stored_images', 'leak_keys', 'find_leaks', 'ImageFingerprint', 'image_fingerprint',
            'find_near_duplicates', 'find_near_duplicate_leaks', 'check_leakage']
 
 # %% ../nbs/02a_leakage.ipynb #02a-leakage-007
@@ -44,19 +46,52 @@ def stored_images(rec: dict, # one record: one image (top-level keys), several (
         return [e for e in rec['images'] if isinstance(e, dict)]
     return [rec] if 'image' in rec else []
 
-def find_leaks(splits: dict[str, list[dict]], # split name -> records
+def leak_keys(rec: dict, # one record
+             ) -> list[tuple[str, Any]]:
+    "What `find_leaks` compares across splits: ('image', sha256) for each stored image, then ('text', normalized text)."
+    keys = [('image', e.get('image_sha256')) for e in stored_images(rec)] + [('text', record_text(rec))]
+    return [(kind, key) for kind, key in keys if key]
+
+def _digest(kind: str, key: Any) -> tuple[int, int]:
+    "128-bit BLAKE2b digest of one leak key as two 64-bit halves."
+    text = f"{kind}\x00{key}" if isinstance(key, str) else f"{kind}\x01{key!r}"
+    d = hashlib.blake2b(text.encode('utf-8', 'surrogatepass'), digest_size=16).digest()
+    return int.from_bytes(d[:8], 'little'), int.from_bytes(d[8:], 'little')
+
+# %% ../nbs/02a_leakage.ipynb #77ed4a40
+def _first_occurrence(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
+    "For every key (two digest halves), the position of the first key equal to it."
+    n = len(hi)
+    order = np.lexsort((np.arange(n), lo, hi))   # equal keys together, each group in its original order
+    hs, ls = hi[order], lo[order]
+    starts = np.ones(n, bool); starts[1:] = (hs[1:] != hs[:-1]) | (ls[1:] != ls[:-1])
+    del hs, ls
+    first = np.empty(n, np.int64)
+    first[order] = order[np.maximum.accumulate(np.where(starts, np.arange(n), 0))]
+    return first
+
+def find_leaks(splits: dict[str, Sequence[dict]], # split name -> records (lists, or `LazyRecords` read again on a leak)
               ) -> list[str]:
     "Samples whose image bytes or conversation text appear in more than one split."
-    leaks, first = [], {}
-    for split, recs in splits.items():
-        for r in recs:
-            shas = [e.get('image_sha256') for e in stored_images(r)]
-            for kind, key in [('image', s) for s in shas] + [('text', record_text(r))]:
-                if not key: continue
-                prev = first.setdefault((kind, key), (split, r.get('id')))
-                if prev[0] != split:
-                    leaks.append(f"{split}:{r.get('id')} has the same {'image bytes' if kind == 'image' else 'conversation text'} "
-                                 f"as {prev[0]}:{prev[1]}")
+    if len(splits) < 2: return []   # nothing can leak out of one split, and nothing is held for it
+    names = list(splits)
+    hi, lo, split_of, rec_of, key_of = array('Q'), array('Q'), array('H'), array('q'), array('H')   # ~28 bytes a key
+    for s, recs in enumerate(splits.values()):
+        for i, r in enumerate(recs):
+            for j, (kind, key) in enumerate(leak_keys(r)):
+                h, l = _digest(kind, key)
+                hi.append(h); lo.append(l); split_of.append(s); rec_of.append(i); key_of.append(j)
+    if not hi: return []
+    sp = np.frombuffer(split_of, np.uint16)
+    first = _first_occurrence(np.frombuffer(hi, np.uint64), np.frombuffer(lo, np.uint64))
+    leaks = []
+    for g in np.flatnonzero(sp != sp[first]).tolist():   # a key seen first in another split
+        f = int(first[g])
+        rec, prev = splits[names[sp[g]]][rec_of[g]], splits[names[sp[f]]][rec_of[f]]
+        kind, key = leak_keys(rec)[key_of[g]]
+        if (kind, key) not in leak_keys(prev): continue   # equal digests of different keys (about 2**-128 a pair): no leak
+        leaks.append(f"{names[sp[g]]}:{rec.get('id')} has the same {'image bytes' if kind == 'image' else 'conversation text'} "
+                     f"as {names[sp[f]]}:{prev.get('id')}")
     return leaks
 
 # %% ../nbs/02a_leakage.ipynb #02a-leakage-080
@@ -116,6 +151,7 @@ def find_near_duplicate_leaks(splits: dict[str, list[dict]], # split name -> rec
                               progress: bool = False, # a progress bar over the images fingerprinted
                              ) -> list[str]:
     "Records of two splits whose images are near-duplicates but not byte-identical; one message per pair, naming both ids."
+    if len(splits) < 2: return []   # one split: nothing to compare, nothing read
     root = Path(ds_root)
     entries = {s: [(r.get('id'), e) for r in recs for e in stored_images(r)] for s, recs in splits.items()}
     if sum(bool(es) for es in entries.values()) < 2: return []   # one split with images: nothing to compare

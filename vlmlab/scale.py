@@ -5,6 +5,7 @@
 # %% ../nbs/02b_scale.ipynb #02b-scale-003
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import operator
@@ -28,7 +29,7 @@ from .data import (ConversionSummary, Reject, Sample, _commit, _iter_samples, _m
 
 # %% auto #0
 __all__ = ['HF_MARKERS', 'HF_IMAGE_COLUMNS', 'HF_CONVERSATION_COLUMNS', 'HF_TEXT_COLUMNS', 'RecordError', 'LazyRecords',
-           'ShardError', 'parse_shard', 'shard_of', 'shard_dir', 'ShardFilter', 'is_hf_source', 'open_hf',
+           'DigestSet', 'ShardError', 'parse_shard', 'shard_of', 'shard_dir', 'ShardFilter', 'is_hf_source', 'open_hf',
            'hf_image_path', 'read_hf', 'iter_samples', 'convert_shard', 'check_shards', 'merge_shards']
 
 # %% ../nbs/02b_scale.ipynb #02b-scale-006
@@ -112,9 +113,56 @@ def select(self: LazyRecords, indices: Iterable[int], # positions of the records
     "The records at `indices` as a `LazyRecords` of the same file (e.g. the valid ones), without reading the file again."
     out = object.__new__(LazyRecords)
     out.__dict__.update(self.__dict__, _fh=None, _pid=None)
-    idx = [operator.index(i) for i in indices]
+    idx = array('q', map(operator.index, indices))   # 8 bytes a kept record, not a list
     out._offsets, out._lines = array('q', (self._offsets[i] for i in idx)), array('q', (self._lines[i] for i in idx))
     return out
+
+# %% ../nbs/02b_scale.ipynb #4a6e8961
+class DigestSet:
+    "A set of strings kept as 16-byte BLAKE2b digests: two sorted arrays of 64-bit halves, the newest few in a Python set."
+    def __init__(self, buffer: int = 1024, # digests held in the Python set before they are merged into the arrays
+                ):
+        self._hi, self._lo, self._recent, self.buffer = np.empty(0, np.uint64), np.empty(0, np.uint64), set(), buffer
+        self._his, self._los = memoryview(self._hi), memoryview(self._lo)   # indexed as Python ints (bisect), no copies
+
+    @staticmethod
+    def digest(item: str, # the string to remember
+              ) -> tuple[int, int]:
+        "The item's 128-bit BLAKE2b digest as two 64-bit halves."
+        if not isinstance(item, str): raise TypeError(f"DigestSet holds strings, got {type(item).__name__}: {item!r}"[:200])
+        d = hashlib.blake2b(item.encode('utf-8', 'surrogatepass'), digest_size=16).digest()
+        return int.from_bytes(d[:8], 'little'), int.from_bytes(d[8:], 'little')
+
+    def _holds(self, hi: int, lo: int) -> bool:
+        if (hi, lo) in self._recent: return True
+        his, i = self._his, bisect.bisect_left(self._his, hi)   # sorted by the first half; equal first halves (rare) all looked at
+        while i < len(his) and his[i] == hi:
+            if self._los[i] == lo: return True
+            i += 1
+        return False
+
+    def __contains__(self, item: str) -> bool: return self._holds(*self.digest(item))
+    def __len__(self) -> int: return len(self._hi) + len(self._recent)
+
+    def add(self, item: str, # the string to remember
+           ) -> None:
+        "Remember `item` (a no-op if it is held)."
+        d = self.digest(item)
+        if self._holds(*d): return
+        self._recent.add(d)
+        if len(self._recent) >= self.buffer: self._merge()
+
+    def _merge(self) -> None:
+        "Move the newest digests into the sorted arrays (one linear pass in numpy)."
+        new = np.array(sorted(self._recent), dtype=np.uint64).reshape(-1, 2)
+        at = np.searchsorted(self._hi, new[:, 0])
+        self._hi, self._lo = np.insert(self._hi, at, new[:, 0]), np.insert(self._lo, at, new[:, 1])
+        self._his, self._los, self._recent = memoryview(self._hi), memoryview(self._lo), set()
+
+    @property
+    def nbytes(self) -> int:
+        "Memory of the sorted arrays (16 bytes an item), not counting the Python set of at most `buffer` newest ones."
+        return self._hi.nbytes + self._lo.nbytes
 
 # %% ../nbs/02b_scale.ipynb #02b-scale-019
 class ShardError(ValueError):
@@ -434,7 +482,7 @@ def merge_shards(out_dir: str | Path = 'ds_output', # the output folder holding 
                     if shard_of(sid, len(infos)) != s: raise ShardError(f"input {k} ({sid!r}) is in shard {s}/{len(infos)}, its id belongs to shard {shard_of(sid, len(infos))}")
                     seen_at.setdefault(sid, k)
             notes = _merged_notes([s['notes'] for s in summaries], seen_at)
-            summary = _commit(out, split, spool.read_bytes(), rejects, images, notes, summaries[0]['resize'], len(owner), written, run_id)
+            summary = _commit(out, split, spool, rejects, images, notes, summaries[0]['resize'], len(owner), written, run_id)
         finally:
             for f in recs + rejs: f.close()
             spool.unlink(missing_ok=True)

@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 import warnings
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -26,6 +27,7 @@ from tqdm.auto import tqdm
 from accelerate.utils import DistributedType
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.trainer_utils import has_length
 from fastcore.basics import patch
 
 from .chat import ChatError, ChatProcessor, ChatStats
@@ -48,8 +50,9 @@ from .vision import ResizeSpec
 __all__ = ['TESTED_TRANSFORMERS', 'STEP_GUARDS', 'TRAINER_HOOKS', 'TRAINER_ATTRIBUTES', 'STEP_HOOKS', 'RUN_FILES', 'DataError',
            'with_positions', 'SampleDataset', 'PackDataset', 'TrainingCollator', 'prepare_data', 'NonFiniteError',
            'RunExistsError', 'TrainingInterrupted', 'TrainerHookError', 'check_trainer_hooks',
-           'ConsoleProgressCallback', 'BBUTrainer', 'block_classes', 'sharding_arguments', 'training_arguments',
-           'build_trainer', 'run_files', 'remove_run', 'final_model', 'distributed_setup', 'train_from_config']
+           'ConsoleProgressCallback', 'BBUTrainer', 'PermutationSampler', 'block_classes', 'sharding_arguments',
+           'training_arguments', 'build_trainer', 'run_files', 'remove_run', 'final_model', 'distributed_setup',
+           'train_from_config']
 
 # %% ../nbs/07_trainer.ipynb #07-trainer-005
 class DataError(ValueError):
@@ -92,9 +95,9 @@ class PackDataset(Dataset):
                  spatial_merge_size: int = 2, # the merger's spatial merge size (the mRoPE positions are computed here)
                 ):
         self.records, self.processor, self.spatial_merge_size = records, processor, spatial_merge_size
-        too_long = [(r['id'], n) for r, n in zip(self.records, lengths) if n > max_tokens]
+        too_long = [(self.records[i]['id'], n) for i, n in enumerate(lengths) if n > max_tokens]   # only those are read again
         if too_long: raise DataError(_too_long_message(too_long, max_tokens))
-        self.packs = plan_packs(lengths, max_tokens, [r['id'] for r in self.records])
+        self.packs = plan_packs(lengths, max_tokens)
         self.stats = packing_stats(lengths, self.packs, max_tokens)
     def __len__(self) -> int: return len(self.packs)
     def __getitem__(self, i: int): return [with_positions(self.processor(self.records[j], epoch=0), self.spatial_merge_size) for j in self.packs[i]]
@@ -145,7 +148,7 @@ def prepare_data(cfg: VLMLabConfig, # the run's config
     proc = ChatProcessor(model.tokenizer, model.image_processor, model.family, root, d.max_length, d.target,
                          teacher_ratio=d.teacher_ratio, n_teachers=d.n_teachers, teacher_pool=train, seed=cfg.training.seed,
                          check_placeholders=placeholders)
-    lengths, bad = [], []
+    lengths, bad = array('q'), []   # 8 bytes a record
     for r in tqdm(train, desc='pre-flight', unit='sample', disable=not progress):
         try: lengths.append(len(proc(r, 0)))
         except (ChatError, ValueError) as e: bad.append(str(e))
@@ -207,6 +210,7 @@ TRAINER_HOOKS = {   # Trainer methods BBUTrainer overrides or calls: their param
     'prediction_step': (('model', 'inputs', 'prediction_loss_only', 'ignore_keys'), 'the evaluation loss'),
     'evaluate': (('eval_dataset', 'ignore_keys', 'metric_key_prefix'), 'the held-out mAP at every evaluation'),
     'create_optimizer': (('model',), 'per-group learning rates'),
+    '_get_train_sampler': (('train_dataset',), 'the shuffled order held as a tensor, not a list of every index'),
     'get_optimizer_cls_and_kwargs': (('args', 'model'), 'the optimizer that args.optim names'),
     'create_accelerator_and_postprocess': ((), 'FSDP switched on for CPU processes (gloo), where accelerate would run DDP'),
 }
@@ -367,6 +371,32 @@ def create_optimizer(self: BBUTrainer, model=None):
         cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, m)   # the optimizer `args.optim` names (fused AdamW by default)
         self.optimizer = cls(groups, **kwargs)
     return self.optimizer
+
+# %% ../nbs/07_trainer.ipynb #78968c0a
+class PermutationSampler(torch.utils.data.Sampler):
+    "accelerate's seedable shuffle (randperm seeded with seed + epoch), held as a tensor (8 bytes a record) and yielded in chunks."
+    def __init__(self, n: int, # records to shuffle
+                 seed: int, # the seed of epoch 0 (epoch k uses seed + k)
+                 chunk: int = 4096, # indices turned into Python ints at a time
+                ):
+        self.n, self.initial_seed, self.epoch, self.chunk = n, seed, 0, chunk
+    def __len__(self) -> int: return self.n
+    def set_epoch(self, epoch: int) -> None:
+        "Shuffle for this epoch next (the Trainer calls it at every epoch; an iteration that ends moves to the next)."
+        self.epoch = epoch
+    def __iter__(self):
+        g = torch.Generator(); g.manual_seed(self.initial_seed + self.epoch)
+        for part in torch.randperm(self.n, generator=g).split(self.chunk): yield from part.tolist()
+        self.set_epoch(self.epoch + 1)
+
+@patch
+def _get_train_sampler(self: BBUTrainer, train_dataset=None):
+    "A `PermutationSampler` where the Trainer would shuffle with accelerate's seedable sampler; the Trainer's sampler otherwise."
+    ds = train_dataset if train_dataset is not None else self.train_dataset
+    seedable = self.accelerator.dataloader_config.use_seedable_sampler
+    if self.args.train_sampling_strategy != 'random' or not seedable or ds is None or not has_length(ds):
+        return super(BBUTrainer, self)._get_train_sampler(train_dataset)
+    return PermutationSampler(len(ds), self.args.data_seed if self.args.data_seed is not None else torch.random.initial_seed())
 
 # %% ../nbs/07_trainer.ipynb #07-trainer-010p1
 @patch

@@ -66,12 +66,14 @@ def test_conversion_killed_at_random_writes(tmp_path):
     ref = tmp_path / 'ref'
     s = convert(src, ref, SPEC, progress=False)
     expected = _visible_state(ref)
-    n_writes = s.written + 3   # one per image, then train.jsonl, train.rejects.jsonl, train.summary.json
+    # one write per image, then train.rejects.jsonl, train.summary.json and the manifest (train.jsonl is the spooled
+    # file itself, renamed after them: a kill before the manifest's rename leaves it complete and unpublished)
+    n_writes = s.written + 3
     rng = random.Random(FAULT_SEED)
     points = [(rng.randrange(1, n_writes - 2), rng.choice(['start', 'half', 'rename']), 1),   # while writing images
               (rng.randrange(2, 5), rng.choice(['half', 'rename']), 2),                          # in a pool worker (its k-th write)
-              (n_writes - 2, rng.choice(['half', 'rename']), 1),                                 # train.jsonl
-              (rng.choice([n_writes - 1, n_writes]), rng.choice(['start', 'half', 'rename']), 1)]  # rejects / summary
+              (rng.choice([n_writes - 2, n_writes - 1]), rng.choice(['start', 'half', 'rename']), 1),  # rejects / summary
+              (n_writes, rng.choice(['half', 'rename']), 1)]                                     # the manifest: nothing renamed yet
     out = tmp_path / 'killed'
     for k, mode, workers in points:
         p = subprocess.run([sys.executable, '-c', KILLER, str(src), str(out), str(k), mode, str(workers)], capture_output=True,
