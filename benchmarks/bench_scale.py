@@ -42,14 +42,14 @@ def own_peak_rss() -> int:
     return 1024 * next(int(l.split()[1]) for l in Path('/proc/self/status').read_text().splitlines() if l.startswith('VmHWM:'))
 
 def write_inputs(folder: Path, n: int) -> tuple[Path, Path]:
-    "`n` text-only LLaVA samples as a JSON list and as a parquet file."
+    "`n` text-only LLaVA samples as a JSON list and as a parquet file (row groups of 1,000 rows: a reader decodes a row group whole)."
     import datasets
     turns = lambda i: [{'from': 'human', 'value': f'Tell me something about sample {i}.'},
                        {'from': 'gpt', 'value': f'Sample {i} is a synthetic text-only record used to measure conversion.'}]
     rows = [{'id': f's{i:07d}', 'conversations': turns(i)} for i in range(n)]
     folder.mkdir(parents=True, exist_ok=True)
     (folder / 'llava.json').write_text(json.dumps(rows))
-    datasets.Dataset.from_list(rows).to_parquet(str(folder / 'llava.parquet'))
+    datasets.Dataset.from_list(rows).to_parquet(str(folder / 'llava.parquet'), batch_size=1000)   # row groups of 1,000 rows, not one of all
     return folder / 'llava.json', folder / 'llava.parquet'
 
 

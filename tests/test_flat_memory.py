@@ -72,7 +72,8 @@ def test_digest_set_behaves_as_a_set():
         held.add(w); ref.add(w)
         assert len(held) == len(ref)
     assert all(w in held for w in ref) and not any(w + 'z' in held for w in ref)
-    assert held.nbytes == 16 * (len(ref) - len(held._recent))
+    merged = len(ref) - len(held._recent)
+    assert 16 * merged <= held.nbytes <= max(24 * merged, 16 * 4 * 64)   # 16 bytes an id, and room to grow
     with pytest.raises(TypeError, match='DigestSet holds strings'): held.add(3)
 
 

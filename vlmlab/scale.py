@@ -117,12 +117,15 @@ def select(self: LazyRecords, indices: Iterable[int], # positions of the records
     out._offsets, out._lines = array('q', (self._offsets[i] for i in idx)), array('q', (self._lines[i] for i in idx))
     return out
 
-# %% ../nbs/02b_scale.ipynb #4a6e8961
+# %% ../nbs/02b_scale.ipynb #4551f05d
 class DigestSet:
     "A set of strings kept as 16-byte BLAKE2b digests: two sorted arrays of 64-bit halves, the newest few in a Python set."
     def __init__(self, buffer: int = 1024, # digests held in the Python set before they are merged into the arrays
                 ):
-        self._hi, self._lo, self._recent, self.buffer = np.empty(0, np.uint64), np.empty(0, np.uint64), set(), buffer
+        self._hi, self._lo, self._size, self._recent, self.buffer = np.empty(0, np.uint64), np.empty(0, np.uint64), 0, set(), buffer
+        self._views()
+
+    def _views(self) -> None:
         self._his, self._los = memoryview(self._hi), memoryview(self._lo)   # indexed as Python ints (bisect), no copies
 
     @staticmethod
@@ -135,14 +138,15 @@ class DigestSet:
 
     def _holds(self, hi: int, lo: int) -> bool:
         if (hi, lo) in self._recent: return True
-        his, i = self._his, bisect.bisect_left(self._his, hi)   # sorted by the first half; equal first halves (rare) all looked at
-        while i < len(his) and his[i] == hi:
+        his, n = self._his, self._size
+        i = bisect.bisect_left(his, hi, 0, n)   # sorted by the first half; equal first halves (rare) are all looked at
+        while i < n and his[i] == hi:
             if self._los[i] == lo: return True
             i += 1
         return False
 
     def __contains__(self, item: str) -> bool: return self._holds(*self.digest(item))
-    def __len__(self) -> int: return len(self._hi) + len(self._recent)
+    def __len__(self) -> int: return self._size + len(self._recent)
 
     def add(self, item: str, # the string to remember
            ) -> None:
@@ -152,17 +156,28 @@ class DigestSet:
         self._recent.add(d)
         if len(self._recent) >= self.buffer: self._merge()
 
-    def _merge(self) -> None:
-        "Move the newest digests into the sorted arrays (one linear pass in numpy)."
-        new = np.array(sorted(self._recent), dtype=np.uint64).reshape(-1, 2)
-        at = np.searchsorted(self._hi, new[:, 0])
-        self._hi, self._lo = np.insert(self._hi, at, new[:, 0]), np.insert(self._lo, at, new[:, 1])
-        self._his, self._los, self._recent = memoryview(self._hi), memoryview(self._lo), set()
-
     @property
     def nbytes(self) -> int:
-        "Memory of the sorted arrays (16 bytes an item), not counting the Python set of at most `buffer` newest ones."
+        "Memory of the arrays: 16 bytes an item, plus room to grow (at most half as much again); the newest `buffer` not counted."
         return self._hi.nbytes + self._lo.nbytes
+
+# %% ../nbs/02b_scale.ipynb #724189e1
+@patch
+def _merge(self: DigestSet) -> None:
+    "Merge the newest digests into the sorted arrays in place: each run of old digests moves up once, from the last."
+    new, n = np.array(sorted(self._recent), dtype=np.uint64).reshape(-1, 2), self._size
+    if n + len(new) > len(self._hi):   # grown in place (realloc): the arrays are never copied whole beside themselves
+        self._his.release(); self._los.release()
+        cap = max(n + len(new), len(self._hi) * 3 // 2, 4 * self.buffer)
+        self._hi.resize(cap, refcheck=False); self._lo.resize(cap, refcheck=False)
+        self._views()
+    hi, lo, at, end = self._hi, self._lo, np.searchsorted(self._hi[:n], new[:, 0], 'right').tolist(), n
+    for j in range(len(new) - 1, -1, -1):   # the old digests after new[j] move up by j + 1; new[j] lands just before them
+        a = at[j]
+        if end > a: hi[a + j + 1:end + j + 1] = hi[a:end]; lo[a + j + 1:end + j + 1] = lo[a:end]
+        hi[a + j], lo[a + j] = new[j]
+        end = a
+    self._size, self._recent = n + len(new), set()
 
 # %% ../nbs/02b_scale.ipynb #02b-scale-019
 class ShardError(ValueError):
@@ -230,6 +245,22 @@ def is_hf_source(path: str | Path, # an input path
     return (p / 'dataset_dict.json').is_file() or all((p / n).is_file() for n in HF_MARKERS[:2]) or \
            (any(p.glob('*.parquet')) and not any(p.glob('*.json')))
 
+def _rows_of(files: list[str], batch: int = 256) -> Iterator[dict]:
+    "The rows of parquet files, `batch` rows at a time (pyarrow reads one row group at a time, nothing ahead)."
+    import pyarrow.parquet as pq
+    for f in files:
+        with pq.ParquetFile(f) as pf:
+            for b in pf.iter_batches(batch_size=batch, use_threads=False): yield from b.to_pylist()
+
+def _parquet_rows(files: list[Path]):
+    "Parquet files as a `datasets.IterableDataset` read by pyarrow a row group at a time (their features from the files)."
+    import datasets, pyarrow.parquet as pq
+    schemas = [pq.read_schema(f) for f in files]   # footers only
+    if bad := [f"{f}: columns {s.names}" for f, s in zip(files, schemas) if not s.equals(schemas[0], check_metadata=False)]:
+        raise Reject(f"parquet files with different columns or types than {files[0]} ({schemas[0].names}): " + '; '.join(bad[:3]))
+    return datasets.IterableDataset.from_generator(_rows_of, features=datasets.Features.from_arrow_schema(schemas[0]),
+                                                   gen_kwargs={'files': [str(f) for f in files]})
+
 def open_hf(source: str | Path, # a saved dataset folder, a parquet file or a folder of parquet files
             hf_split: str | None = None, # the split of a saved DatasetDict (default: 'train', or its only split)
            ):
@@ -248,7 +279,7 @@ def open_hf(source: str | Path, # a saved dataset folder, a parquet file or a fo
     else:
         files = [p] if p.is_file() else sorted(p.rglob('*.parquet'))
         if not files: raise Reject(f"{p}: no saved dataset ({', '.join(HF_MARKERS)}) and no .parquet files")
-        ds = datasets.load_dataset('parquet', data_files=[str(f) for f in files], split='train', streaming=True)
+        ds = _parquet_rows(files)
     for name, feat in (ds.features or {}).items():   # decode=False: {'bytes', 'path'} cells, decoded later by vlmlab's checks
         if isinstance(feat, datasets.Image) and feat.decode: ds = ds.cast_column(name, datasets.Image(decode=False))
         elif isinstance(getattr(feat, 'feature', None), datasets.Image) and feat.feature.decode:
