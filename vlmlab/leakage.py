@@ -58,7 +58,7 @@ def _digest(kind: str, key: Any) -> tuple[int, int]:
     d = hashlib.blake2b(text.encode('utf-8', 'surrogatepass'), digest_size=16).digest()
     return int.from_bytes(d[:8], 'little'), int.from_bytes(d[8:], 'little')
 
-# %% ../nbs/02a_leakage.ipynb #ca4306c2
+# %% ../nbs/02a_leakage.ipynb #02a-leakage-007b
 def _first_occurrence(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
     "For every key (two digest halves), the position of the first key equal to it."
     n = len(hi)

@@ -117,7 +117,7 @@ def select(self: LazyRecords, indices: Iterable[int], # positions of the records
     out._offsets, out._lines = array('q', (self._offsets[i] for i in idx)), array('q', (self._lines[i] for i in idx))
     return out
 
-# %% ../nbs/02b_scale.ipynb #4551f05d
+# %% ../nbs/02b_scale.ipynb #f78c8a7d
 class DigestSet:
     "A set of strings kept as 16-byte BLAKE2b digests: two sorted arrays of 64-bit halves, the newest few in a Python set."
     def __init__(self, buffer: int = 1024, # digests held in the Python set before they are merged into the arrays
@@ -161,7 +161,7 @@ class DigestSet:
         "Memory of the arrays: 16 bytes an item, plus room to grow (at most half as much again); the newest `buffer` not counted."
         return self._hi.nbytes + self._lo.nbytes
 
-# %% ../nbs/02b_scale.ipynb #724189e1
+# %% ../nbs/02b_scale.ipynb #0777e511
 @patch
 def _merge(self: DigestSet) -> None:
     "Merge the newest digests into the sorted arrays in place: each run of old digests moves up once, from the last."

@@ -372,7 +372,7 @@ def create_optimizer(self: BBUTrainer, model=None):
         self.optimizer = cls(groups, **kwargs)
     return self.optimizer
 
-# %% ../nbs/07_trainer.ipynb #bdf02446
+# %% ../nbs/07_trainer.ipynb #07-trainer-010sampler
 class PermutationSampler(torch.utils.data.Sampler):
     "accelerate's seedable shuffle (randperm seeded with seed + epoch), held as a tensor (8 bytes a record) and yielded in chunks."
     def __init__(self, n: int, # records to shuffle
