@@ -232,3 +232,22 @@ def test_iter_json_list_equals_json_loads(tmp_path, chunk):
                      ('', 'expected a JSON list'), ('[1,\n\n {"a": nope}]', 'malformed JSON at line 3')):
         f.write_text(bad)
         with pytest.raises(ValueError, match=msg): list(iter_json_list(f, chunk))
+
+
+def test_parquet_sources_that_cannot_be_read_are_named(tmp_path):
+    import datasets
+    from vlmlab.data import Reject
+    folder = tmp_path / 'pq'; folder.mkdir()
+    datasets.Dataset.from_dict({'id': ['a'], 'text': ['one']}).to_parquet(str(folder / 'a.parquet'))
+    datasets.Dataset.from_dict({'id': ['b'], 'caption': ['two']}).to_parquet(str(folder / 'b.parquet'))   # other columns
+    with pytest.raises(Reject, match=r'different columns or types than .*a\.parquet'): open_hf(folder)
+    (folder / 'b.parquet').write_bytes(b'not parquet at all')
+    with pytest.raises(Reject, match=r'b\.parquet: not a parquet file'): open_hf(folder)
+
+
+def test_parquet_rows_come_whole_and_in_order_across_row_groups(tmp_path):
+    import datasets
+    rows = {'id': [f'r{i}' for i in range(2500)], 'text': [f'caption {i}' for i in range(2500)]}
+    datasets.Dataset.from_dict(rows).to_parquet(str(tmp_path / 'a.parquet'), batch_size=1000)
+    got = list(open_hf(tmp_path / 'a.parquet'))
+    assert [r['id'] for r in got] == rows['id'] and [r['text'] for r in got] == rows['text']

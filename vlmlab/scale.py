@@ -117,7 +117,7 @@ def select(self: LazyRecords, indices: Iterable[int], # positions of the records
     out._offsets, out._lines = array('q', (self._offsets[i] for i in idx)), array('q', (self._lines[i] for i in idx))
     return out
 
-# %% ../nbs/02b_scale.ipynb #f78c8a7d
+# %% ../nbs/02b_scale.ipynb #3b0573c3
 class DigestSet:
     "A set of strings kept as 16-byte BLAKE2b digests: two sorted arrays of 64-bit halves, the newest few in a Python set."
     def __init__(self, buffer: int = 1024, # digests held in the Python set before they are merged into the arrays
@@ -161,7 +161,7 @@ class DigestSet:
         "Memory of the arrays: 16 bytes an item, plus room to grow (at most half as much again); the newest `buffer` not counted."
         return self._hi.nbytes + self._lo.nbytes
 
-# %% ../nbs/02b_scale.ipynb #0777e511
+# %% ../nbs/02b_scale.ipynb #04f06cbc
 @patch
 def _merge(self: DigestSet) -> None:
     "Merge the newest digests into the sorted arrays in place: each run of old digests moves up once, from the last."
@@ -247,15 +247,20 @@ def is_hf_source(path: str | Path, # an input path
 
 def _rows_of(files: list[str], batch: int = 256) -> Iterator[dict]:
     "The rows of parquet files, `batch` rows at a time (pyarrow reads one row group at a time, nothing ahead)."
-    import pyarrow.parquet as pq
+    import pyarrow as pa, pyarrow.parquet as pq
     for f in files:
-        with pq.ParquetFile(f) as pf:
-            for b in pf.iter_batches(batch_size=batch, use_threads=False): yield from b.to_pylist()
+        try:
+            with pq.ParquetFile(f) as pf:
+                for b in pf.iter_batches(batch_size=batch, use_threads=False): yield from b.to_pylist()
+        except (OSError, pa.ArrowException) as e: raise Reject(f"{f}: parquet data that cannot be read ({e})") from None
 
 def _parquet_rows(files: list[Path]):
     "Parquet files as a `datasets.IterableDataset` read by pyarrow a row group at a time (their features from the files)."
-    import datasets, pyarrow.parquet as pq
-    schemas = [pq.read_schema(f) for f in files]   # footers only
+    import datasets, pyarrow as pa, pyarrow.parquet as pq
+    schemas = []
+    for f in files:   # footers only
+        try: schemas.append(pq.read_schema(f))
+        except (OSError, pa.ArrowException) as e: raise Reject(f"{f}: not a parquet file ({e})") from None
     if bad := [f"{f}: columns {s.names}" for f, s in zip(files, schemas) if not s.equals(schemas[0], check_metadata=False)]:
         raise Reject(f"parquet files with different columns or types than {files[0]} ({schemas[0].names}): " + '; '.join(bad[:3]))
     return datasets.IterableDataset.from_generator(_rows_of, features=datasets.Features.from_arrow_schema(schemas[0]),
