@@ -155,7 +155,7 @@ def commit_split(out_dir: str | Path, # the output folder (its lock held)
     "Publish a split: every file written under a temporary name, the manifest last, then renames with the manifest last."
     out = Path(out_dir)
     assert set(files) == set(split_files(split)), f"commit_split needs exactly {split_files(split)}"
-    moved = {n: Path(v) for n, v in files.items() if isinstance(v, Path)}   # a spool: hashed as it lies, renamed, never read whole
+    moved = {n: v for n, v in files.items() if isinstance(v, Path)}   # a spool: hashed as it lies, renamed, never read whole
     if bad := [str(p) for p in moved.values() if p.parent.resolve() != out.resolve() or not p.is_file()]:
         raise ValueError(f"commit_split moves only complete files inside {out}, got {bad}")
     manifest = {'split': split, 'run_id': run_id, 'created': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()), 'counts': counts,

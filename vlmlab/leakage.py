@@ -21,8 +21,8 @@ from tqdm.auto import tqdm
 from .vision import as_image
 
 # %% auto #0
-__all__ = ['normalize_text', 'record_text', 'stored_images', 'leak_keys', 'find_leaks', 'ImageFingerprint', 'image_fingerprint',
-           'find_near_duplicates', 'find_near_duplicate_leaks', 'check_leakage']
+__all__ = ['normalize_text', 'record_text', 'stored_images', 'leak_keys', 'text_digest', 'find_leaks', 'ImageFingerprint',
+           'image_fingerprint', 'find_near_duplicates', 'find_near_duplicate_leaks', 'check_leakage']
 
 # %% ../nbs/02a_leakage.ipynb #02a-leakage-007
 def normalize_text(text: str) -> str:
@@ -52,11 +52,15 @@ def leak_keys(rec: dict, # one record
     keys = [('image', e.get('image_sha256')) for e in stored_images(rec)] + [('text', record_text(rec))]
     return [(kind, key) for kind, key in keys if key]
 
-def _digest(kind: str, key: Any) -> tuple[int, int]:
-    "128-bit BLAKE2b digest of one leak key as two 64-bit halves."
-    text = f"{kind}\x00{key}" if isinstance(key, str) else f"{kind}\x01{key!r}"
+def text_digest(text: str, # any text (lone surrogates included)
+               ) -> tuple[int, int]:
+    "The text's 128-bit BLAKE2b digest as two 64-bit halves (what `find_leaks` and `vlmlab.scale.DigestSet` compare)."
     d = hashlib.blake2b(text.encode('utf-8', 'surrogatepass'), digest_size=16).digest()
     return int.from_bytes(d[:8], 'little'), int.from_bytes(d[8:], 'little')
+
+def _digest(kind: str, key: Any) -> tuple[int, int]:
+    "The digest of one leak key."
+    return text_digest(f"{kind}\x00{key}" if isinstance(key, str) else f"{kind}\x01{key!r}")
 
 # %% ../nbs/02a_leakage.ipynb #02a-leakage-007b
 def _first_occurrence(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:

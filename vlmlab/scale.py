@@ -26,6 +26,7 @@ from fastcore.basics import patch
 from .commit import ManifestError, check_manifest, clean_stale_temps, output_lock, write_atomic
 from .data import (ConversionSummary, Reject, Sample, _commit, _iter_samples, _make_writable, _raw_conversations,
                          convert_samples, llava_messages, record_images, storage_name)
+from .leakage import text_digest
 
 # %% auto #0
 __all__ = ['HF_MARKERS', 'HF_IMAGE_COLUMNS', 'HF_CONVERSATION_COLUMNS', 'HF_TEXT_COLUMNS', 'RecordError', 'LazyRecords',
@@ -133,8 +134,7 @@ class DigestSet:
               ) -> tuple[int, int]:
         "The item's 128-bit BLAKE2b digest as two 64-bit halves."
         if not isinstance(item, str): raise TypeError(f"DigestSet holds strings, got {type(item).__name__}: {item!r}"[:200])
-        d = hashlib.blake2b(item.encode('utf-8', 'surrogatepass'), digest_size=16).digest()
-        return int.from_bytes(d[:8], 'little'), int.from_bytes(d[8:], 'little')
+        return text_digest(item)
 
     def _holds(self, hi: int, lo: int) -> bool:
         if (hi, lo) in self._recent: return True
